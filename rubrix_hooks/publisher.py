@@ -1,0 +1,214 @@
+"""The bounded buffer and the background thread that hands events to the broker.
+
+The request path only appends to a deque (well under a microsecond). A daemon thread
+wakes every flush interval and publishes the buffered events as Celery tasks, a few
+events per task. The broker is touched only from that thread, with publish retries off
+and short socket timeouts, because `apply_async` can block for a long time when the
+broker is down (celery/celery#4296, #4556, #6911).
+
+A batch that cannot be published is kept and tried again with a growing pause, so a
+broker blip loses nothing; meanwhile new events queue in the buffer, and those beyond
+its bound are dropped and counted. The thread is restarted lazily in a forked child
+(`os.register_at_fork`) and the buffer is flushed at interpreter exit with a bounded wait.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from rubrix_hooks.contract import DELIVER_TASK_NAME
+from rubrix_hooks.settings import Settings, broker_transport_options, masked_url
+
+log = logging.getLogger("rubrix_hooks.publisher")
+
+Event = dict[str, Any]
+SendBatch = Callable[[list[Event]], None]
+
+# The longest pause between two attempts to reach a broker that is down.
+MAX_PUBLISH_PAUSE = 30.0
+# At most one warning about dropped events per this many seconds: a broker outage under
+# load would otherwise write a log line per request.
+DROP_WARNING_INTERVAL = 60.0
+
+
+class CeleryBatchSender:
+    """Publishes one batch of events as one Celery task message, or raises."""
+
+    def __init__(self, settings: Settings) -> None:
+        from celery import Celery  # imported here: an idle or disabled server never loads Celery
+
+        self._queue = settings.queue
+        self._app = Celery("rubrix_hooks", set_as_current=False)
+        self._app.conf.update(
+            broker_url=settings.broker_url_or_default,
+            broker_transport_options=broker_transport_options(settings),
+            broker_connection_timeout=settings.publish_timeout,
+            broker_connection_retry=False,
+            broker_connection_max_retries=0,
+            broker_pool_limit=1,
+            task_serializer="json",
+            accept_content=["json"],
+            task_ignore_result=True,
+        )
+        self.description = masked_url(settings.broker_url_or_default)
+
+    def __call__(self, events: list[Event]) -> None:
+        self._app.send_task(DELIVER_TASK_NAME, args=[events], queue=self._queue, retry=False)
+
+    def close(self) -> None:
+        self._app.close()
+
+
+class Publisher:
+    """Owns the buffer and the publishing thread of one process."""
+
+    def __init__(self, settings: Settings, make_sender: Callable[[], SendBatch] | None = None) -> None:
+        self._settings = settings
+        self._make_sender = make_sender or (lambda: CeleryBatchSender(settings))
+        self._capacity = settings.buffer_size
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.published = 0
+        self._reset()
+        _live_publishers.add(self)
+
+    def _reset(self) -> None:
+        """Fresh state: at creation and in a forked child, whose copied thread and locks are dead."""
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._in_hand: list[Event] = []  # taken from the buffer, not yet published
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._sender: SendBatch | None = None
+        self._failures = 0
+        self._last_drop_warning = 0.0
+        self._dropped_since_warning = 0
+
+    # -- request path ---------------------------------------------------------------
+    def submit(self, event: Event) -> bool:
+        """Buffers the event; False (and counted) when the buffer is full. Never blocks."""
+        if len(self._buffer) >= self._capacity:
+            self.count_drop("buffer_full")
+            return False
+        self._buffer.append(event)
+        if self._thread is None:
+            self._start()
+        return True
+
+    # -- control --------------------------------------------------------------------
+    def pending(self) -> int:
+        return len(self._buffer) + len(self._in_hand)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Waits until every buffered event is with the broker; False if `timeout` ran out."""
+        deadline = time.monotonic() + timeout
+        if self.pending() and self._thread is None:
+            self._start()
+        with self._idle:
+            while self.pending():
+                self._wake.set()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.05))
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {"published": self.published, "pending": self.pending(), "dropped": dict(self.dropped)}
+
+    def close(self, timeout: float) -> None:
+        """Flushes with a bounded wait, then counts whatever is left as dropped."""
+        if not self.flush(timeout):
+            left = self.pending()
+            self._buffer.clear()
+            self._in_hand = []
+            self.dropped["shutdown_timeout"] += left
+            log.warning("telemetry: %d events could not reach the broker before exit and were dropped", left)
+
+    # -- publishing thread -----------------------------------------------------------
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="rubrix-telemetry-publisher", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._pause())
+            self._wake.clear()
+            try:
+                self._publish_all()
+            except Exception:  # never let the thread die: the server would silently stop reporting
+                log.exception("telemetry: unexpected error in the publisher")
+            with self._idle:
+                self._idle.notify_all()
+
+    def _pause(self) -> float:
+        if not self._failures:
+            return self._settings.flush_interval
+        return min(MAX_PUBLISH_PAUSE, self._settings.flush_interval * 2**self._failures)
+
+    def _publish_all(self) -> None:
+        size = self._settings.events_per_task
+        while True:
+            if not self._in_hand:
+                take = min(size, len(self._buffer))
+                if not take:
+                    return
+                self._in_hand = [self._buffer.popleft() for _ in range(take)]
+            try:
+                if self._sender is None:
+                    self._sender = self._make_sender()
+                self._sender(self._in_hand)
+            except Exception as error:
+                self._failures += 1
+                if self._failures == 1 or self._failures % 10 == 0:
+                    log.warning(
+                        "telemetry: cannot reach the broker (%s); %d events held, retrying in %.1fs",
+                        type(error).__name__, self.pending(), self._pause(),
+                    )
+                return
+            if self._failures:
+                log.info("telemetry: the broker answers again")
+            self._failures = 0
+            self.published += len(self._in_hand)
+            self._in_hand = []
+
+    def count_drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        self._dropped_since_warning += 1
+        now = time.monotonic()
+        if now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
+            log.warning(
+                "telemetry: dropped %d events since the last report (%s); the server is not affected",
+                self._dropped_since_warning,
+                ", ".join(f"{why}: {n}" for why, n in self.dropped.items()),
+            )
+            self._last_drop_warning = now
+            self._dropped_since_warning = 0
+
+
+_live_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The parent still owns (and will send) the events buffered before the fork.
+    for publisher in list(_live_publishers):
+        publisher._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for publisher in list(_live_publishers):
+        publisher.close(publisher._settings.shutdown_timeout)

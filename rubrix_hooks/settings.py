@@ -1,0 +1,209 @@
+"""Every setting of rubrix-telemetry, read from the environment in this one place.
+
+Server hooks and Celery workers read the same variables, so one `.env` configures both.
+A bad value raises `ConfigurationError` naming the variable, at start-up (import of the
+hooks, `celery -A tasks worker`, any `rubrix-telemetry` command), never later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+T = TypeVar("T")
+
+OFF_VALUES = frozenset({"0", "false", "no", "off"})
+SEGMENT_ENDPOINT = "https://api.segment.io"
+
+
+class ConfigurationError(ValueError):
+    """A setting in the environment has a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool
+    # Which variable decided `enabled` ("RUBRIX_ENABLE_TELEMETRY", "DO_NOT_TRACK" or "default").
+    decided_by: str
+    data_dir: Path
+    # None means the embedded on-disk queue in `data_dir` (see `broker_url_or_default`).
+    broker_url: str | None
+    endpoint: str
+    write_key: str | None = field(repr=False)
+    queue: str
+    buffer_size: int
+    flush_interval: float
+    events_per_task: int
+    publish_timeout: float
+    shutdown_timeout: float
+    backoff_base: float
+    backoff_max: float
+    max_retry_duration: float
+    visibility_timeout: float
+    http_timeout: float
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def broker_url_or_default(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def is_segment(self) -> bool:
+        host = urlsplit(self.endpoint).hostname or ""
+        return host == "segment.io" or host.endswith((".segment.io", ".segment.com"))
+
+
+def telemetry_switch(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """Whether telemetry is on, and the variable that decided it."""
+    enable = environ.get("RUBRIX_ENABLE_TELEMETRY")
+    if enable is not None and enable.strip().lower() in OFF_VALUES:
+        return False, "RUBRIX_ENABLE_TELEMETRY"
+    if environ.get("DO_NOT_TRACK", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False, "DO_NOT_TRACK"
+    if enable is not None and enable.strip():
+        return True, "RUBRIX_ENABLE_TELEMETRY"
+    return True, "default"
+
+
+def _default_data_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "rubrix-telemetry"
+
+
+def _read(environ: Mapping[str, str], name: str, default: T, parse: Callable[[str], T], rule: str) -> T:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse(raw.strip())
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"{name} must be {rule}, got {raw!r}") from None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError
+    return raw.rstrip("/")
+
+
+def _broker_url(raw: str) -> str:
+    if "://" not in raw:
+        raise ValueError
+    return raw
+
+
+def _queue_name(raw: str) -> str:
+    if not raw.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    enabled, decided_by = telemetry_switch(env)
+    settings = Settings(
+        enabled=enabled,
+        decided_by=decided_by,
+        data_dir=Path(_read(env, "RUBRIX_TELEMETRY_DATA_DIR", str(_default_data_dir(env)), str, "a folder path")),
+        broker_url=_read(env, "RUBRIX_TELEMETRY_BROKER_URL", None, _broker_url,
+                         "a broker URL such as redis://host:6379/0"),
+        endpoint=_read(env, "RUBRIX_TELEMETRY_ENDPOINT", SEGMENT_ENDPOINT, _http_url,
+                       "an http(s) URL such as https://api.segment.io"),
+        write_key=env.get("RUBRIX_TELEMETRY_KEY") or None,
+        queue=_read(env, "RUBRIX_TELEMETRY_QUEUE", "telemetry", _queue_name,
+                    "a queue name of letters, digits, '-', '_' and '.'"),
+        buffer_size=_read(env, "RUBRIX_TELEMETRY_BUFFER_SIZE", 10_000, _positive_int, "a positive integer"),
+        flush_interval=_read(env, "RUBRIX_TELEMETRY_FLUSH_INTERVAL", 0.2, _positive_float,
+                             "a positive number of seconds"),
+        events_per_task=_read(env, "RUBRIX_TELEMETRY_EVENTS_PER_TASK", 20, _positive_int, "a positive integer"),
+        publish_timeout=_read(env, "RUBRIX_TELEMETRY_PUBLISH_TIMEOUT", 1.0, _positive_float,
+                              "a positive number of seconds"),
+        shutdown_timeout=_read(env, "RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT", 5.0, _positive_float,
+                               "a positive number of seconds"),
+        backoff_base=_read(env, "RUBRIX_TELEMETRY_BACKOFF_BASE", 2.0, _positive_float,
+                           "a positive number of seconds"),
+        backoff_max=_read(env, "RUBRIX_TELEMETRY_BACKOFF_MAX", 600.0, _positive_float,
+                          "a positive number of seconds"),
+        max_retry_duration=_read(env, "RUBRIX_TELEMETRY_MAX_RETRY_DURATION", 86_400.0, _positive_float,
+                                 "a positive number of seconds"),
+        visibility_timeout=_read(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0, _positive_float,
+                                 "a positive number of seconds"),
+        http_timeout=_read(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0, _positive_float,
+                           "a positive number of seconds"),
+    )
+    # With Redis and acks_late, a retry held longer than the visibility timeout is
+    # delivered twice (DESIGN.md, known traps): refuse such a configuration outright.
+    if settings.backoff_max >= settings.visibility_timeout:
+        raise ConfigurationError(
+            "RUBRIX_TELEMETRY_BACKOFF_MAX must be below RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT "
+            f"({settings.backoff_max:g} >= {settings.visibility_timeout:g})"
+        )
+    if settings.backoff_base > settings.backoff_max:
+        raise ConfigurationError(
+            "RUBRIX_TELEMETRY_BACKOFF_BASE must not exceed RUBRIX_TELEMETRY_BACKOFF_MAX "
+            f"({settings.backoff_base:g} > {settings.backoff_max:g})"
+        )
+    return settings
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu transport options shared by the server's publisher and the workers."""
+    if settings.uses_embedded_broker:
+        folders = embedded_broker_folders(settings)
+        return {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "control_folder": str(folders["control"]),
+            "processed_folder": str(folders["processed"]),
+            "store_processed": False,
+        }
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu restores a dead worker's unacked messages only when its timer fires
+        # (every interval) and then only every `throttle` firings: 10 s x 10 by default.
+        # Tie both to the visibility timeout so recovery takes about that long, no more.
+        "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout // 10) or 1)),
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": settings.publish_timeout,
+        "socket_timeout": max(settings.publish_timeout, 5.0),
+        "retry_on_timeout": False,
+    }
+
+
+def embedded_broker_folders(settings: Settings) -> dict[str, Path]:
+    root = settings.data_dir / "broker"
+    folders = {name: root / name for name in ("queue", "control", "processed")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def masked_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -1,0 +1,102 @@
+"""Drop-in replacements for Rubrix 0.18's `rubrix.server.commons.telemetry` hooks.
+
+Each hook builds an allowlisted event and buffers it: microseconds, no I/O, and no
+exception ever reaches the caller. With telemetry switched off they return at once and
+nothing else happens: no thread, no broker connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Mapping, Protocol
+
+from rubrix_hooks.contract import (
+    DEFAULT_USERNAME,
+    LOG_RECORDS_REQUESTED,
+    SERVER_ERROR_FOUND,
+    USER_INFO_REQUESTED,
+    build_event,
+)
+from rubrix_hooks.publisher import Publisher
+from rubrix_hooks.settings import Settings, load_settings
+
+log = logging.getLogger("rubrix_hooks.telemetry")
+
+
+class HasHeaders(Protocol):
+    @property
+    def headers(self) -> Any: ...
+
+
+# Read at import, i.e. at server start-up: a bad value fails the start, not a request.
+settings: Settings = load_settings()
+_publisher: Publisher | None = None
+_publisher_lock = threading.Lock()
+
+
+def publisher() -> Publisher:
+    """This process's publisher, created on first use."""
+    global _publisher
+    if _publisher is None:
+        with _publisher_lock:
+            if _publisher is None:
+                _publisher = Publisher(settings)
+    return _publisher
+
+
+def _request_headers(request: object) -> dict[str, object]:
+    headers = getattr(request, "headers", None)
+    get = getattr(headers, "get", None)
+    if get is None:
+        return {"user-agent": None, "accept-language": None}
+    return {"user-agent": get("user-agent"), "accept-language": get("accept-language")}
+
+
+def record(event: str, properties: Callable[[], Mapping[str, object]]) -> bool:
+    """Buffers one event; False when it was not recorded (off, invalid or buffer full).
+
+    `properties` is called here, inside the guard, because reading a request's headers
+    or an error's code runs code we do not control.
+    """
+    if not settings.enabled:
+        return False
+    try:
+        return publisher().submit(build_event(event, properties()))
+    except Exception as error:  # a hook must never fail the request it observes
+        publisher().count_drop(getattr(error, "reason", "hook_error"))
+        log.debug("telemetry: event %s not recorded: %s", event, type(error).__name__)
+        return False
+
+
+async def track_login(request: HasHeaders, username: str) -> None:
+    if settings.enabled:
+        record(USER_INFO_REQUESTED, lambda: {
+            "is_default_user": username == DEFAULT_USERNAME, **_request_headers(request)})
+
+
+async def track_bulk(task: object, records: int) -> None:
+    if settings.enabled:
+        record(LOG_RECORDS_REQUESTED, lambda: {"task": task, "records": records})
+
+
+async def track_error(error: object, request: HasHeaders) -> None:
+    if settings.enabled:
+        record(SERVER_ERROR_FOUND, lambda: {"code": getattr(error, "code", None), **_request_headers(request)})
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Hands every buffered event to the broker, or gives up after `timeout`.
+
+    True when nothing is left in this process's buffer.
+    """
+    if _publisher is None:
+        return True
+    return _publisher.flush(timeout)
+
+
+def stats() -> dict[str, Any]:
+    """Counts of this process's events: published to the broker, pending, dropped by reason."""
+    if _publisher is None:
+        return {"published": 0, "pending": 0, "dropped": {}}
+    return _publisher.stats()

@@ -1,0 +1,52 @@
+"""The Celery app of the telemetry workers: `celery -A tasks worker -Q telemetry`."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from rubrix_hooks.contract import DELIVER_TASK_NAME
+from rubrix_hooks.settings import broker_transport_options, load_settings, masked_url
+
+log = logging.getLogger("tasks")
+
+# Read at import: `celery -A tasks worker` fails at start-up on a bad value.
+settings = load_settings()
+
+app = Celery("tasks", include=["tasks.deliver"])
+app.conf.update(
+    broker_url=settings.broker_url_or_default,
+    broker_transport_options=broker_transport_options(settings),
+    broker_connection_retry_on_startup=True,
+    # A worker must never unpickle a message it did not write itself.
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
+    accept_content=["json"],
+    # The message leaves Redis only once the backend has the events (or they were dropped
+    # for good); a worker that dies mid-delivery hands its message to another one.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=settings.queue,
+    task_routes={DELIVER_TASK_NAME: {"queue": settings.queue}},
+    task_ignore_result=True,
+    # Task events on, so that Flower sees every delivery, retry and failure.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    timezone="UTC",
+)
+
+
+@worker_ready.connect
+def _announce(**_: object) -> None:
+    if not settings.enabled:
+        log.warning("telemetry is switched off by %s: events are acknowledged and dropped, nothing is sent",
+                    settings.decided_by)
+    elif settings.is_segment and not settings.write_key:
+        log.error("RUBRIX_TELEMETRY_KEY is not set: events will be dropped, not sent to %s", settings.endpoint)
+    else:
+        log.info("telemetry: delivering to %s from broker %s", settings.endpoint,
+                 masked_url(settings.broker_url_or_default))

@@ -1,0 +1,115 @@
+"""`rubrix-telemetry`: run the demo, the Rubrix server with hooks, the audit collector,
+preview what would be sent, and check the pipeline's status.
+
+Workers and Flower are started with Celery's own commands (`celery -A tasks worker`,
+`celery -A tasks flower`), which operators already know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rubrix_hooks.settings import ConfigurationError, load_settings
+
+log = logging.getLogger("rubrix-telemetry")
+
+DEFAULT_SERVER_PORT = 6900
+DEFAULT_COLLECTOR_PORT = 6970
+
+
+class CommandFailed(Exception):
+    """Ends a command with one clear line on stderr and exit code 1."""
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    from tasks.collector import Collector
+
+    try:
+        collector = Collector(host=args.host, port=args.port, out=args.out)
+    except OSError as error:
+        raise CommandFailed(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    where = f", appending messages to {args.out}" if args.out else ""
+    log.info("collector listening on %s (POST /v1/batch, /v1/track)%s", collector.url, where)
+    log.info("point the workers at it: export RUBRIX_TELEMETRY_ENDPOINT=%s", collector.url)
+    try:
+        collector.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.stop()
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from tasks.preview import preview
+
+    settings = load_settings()
+    print(json.dumps(preview(settings), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.status import run_status
+
+    return run_status(json_output=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rubrix-telemetry",
+        description="Anonymous Rubrix telemetry through Celery workers. "
+                    "Configuration comes from the environment (see the README).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    collector = commands.add_parser(
+        "collector", help="run a local Segment-compatible backend that records what is sent",
+        description="A local Segment-compatible backend (POST /v1/batch and /v1/track) that logs a line "
+                    "per batch and appends every message to a JSONL file. Point "
+                    "RUBRIX_TELEMETRY_ENDPOINT at it to audit what leaves your server.")
+    collector.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    collector.add_argument("--port", type=int, default=DEFAULT_COLLECTOR_PORT,
+                           help="port to listen on (default: %(default)s)")
+    collector.add_argument("--out", type=Path, help="JSONL file to append every received message to")
+    collector.set_defaults(run=cmd_collector)
+
+    preview = commands.add_parser(
+        "preview", help="print the platform data and one example of each event, exactly as sent",
+        description="Prints whether telemetry is on and which variable decided, the platform data this "
+                    "machine would attach, and one example of each event exactly as it would be sent.")
+    preview.set_defaults(run=cmd_preview)
+
+    status = commands.add_parser(
+        "status", help="check the broker, the queue and the workers' delivery counts",
+        description="Whether telemetry is on, the broker and whether it answers, the telemetry queue's "
+                    "depth, the backend endpoint, and the events delivered, retried and dropped. "
+                    "Exit code 0 when healthy.")
+    status.add_argument("--json", action="store_true", help="print one JSON document for scripts")
+    status.set_defaults(run=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (ConfigurationError, CommandFailed) as error:
+        print(f"rubrix-telemetry: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

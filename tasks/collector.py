@@ -1,0 +1,139 @@
+"""A local Segment-compatible backend that records exactly what leaves a server.
+
+`rubrix-telemetry collector` runs it; operators point `RUBRIX_TELEMETRY_ENDPOINT` at it
+to audit the telemetry before anything goes out, and the tests use it as the backend.
+It accepts `POST /v1/batch` and `POST /v1/track`, keeps every received request, and
+appends every message to a JSONL file when given one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("tasks.collector")
+
+# Larger than Segment's 500 KB batch limit, so that an oversized batch is seen, not cut.
+MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass
+class ReceivedRequest:
+    path: str
+    headers: dict[str, str]
+    body: Any  # the decoded JSON, or None when it was not JSON
+    status: int  # what the collector answered
+    received_at: float = 0.0
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        if not isinstance(self.body, dict):
+            return []
+        if self.path == "/v1/batch":
+            batch = self.body.get("batch")
+            return batch if isinstance(batch, list) else []
+        return [self.body]
+
+
+# Decides the answer to a request before it is recorded: (status, headers) or None for 200.
+Responder = Callable[[str, Any], "tuple[int, dict[str, str]] | None"]
+
+
+@dataclass
+class Collector:
+    host: str = "127.0.0.1"
+    port: int = 0
+    out: Path | None = None
+    responder: Responder | None = None
+    requests: list[ReceivedRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.RLock()  # wait_for predicates read under it
+        self._changed = threading.Condition(self._lock)
+        self._server = ThreadingHTTPServer((self.host, self.port), self._handler_class())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "Collector":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="collector", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def accepted_messages(self) -> list[dict[str, Any]]:
+        """Every message of every request that was answered 2xx, in arrival order."""
+        with self._lock:
+            return [m for r in self.requests if 200 <= r.status < 300 for m in r.messages]
+
+    def wait_for(self, predicate: Callable[["Collector"], bool], timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout)
+
+    def _record(self, request: ReceivedRequest) -> None:
+        with self._changed:
+            self.requests.append(request)
+            self._changed.notify_all()
+        if 200 <= request.status < 300 and request.messages:
+            if self.out is not None:
+                with self.out.open("a", encoding="utf-8") as out:
+                    for message in request.messages:
+                        out.write(json.dumps(message, ensure_ascii=False) + "\n")
+            events = ", ".join(str(m.get("event")) for m in request.messages if isinstance(m, dict))
+            log.info("received %d messages on %s: %s", len(request.messages), request.path, events)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                if self.path not in ("/v1/batch", "/v1/track") or length > MAX_BODY_BYTES:
+                    self._answer(404 if length <= MAX_BODY_BYTES else 413, {})
+                    self.rfile.read(min(length, MAX_BODY_BYTES))
+                    return
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                status, headers = 200, {}
+                if collector.responder is not None:
+                    status, headers = collector.responder(self.path, body) or (200, {})
+                elif body is None:
+                    status = 400
+                self._answer(status, headers)
+                collector._record(ReceivedRequest(self.path, dict(self.headers), body, status, time.time()))
+
+            def _answer(self, status: int, headers: dict[str, str]) -> None:
+                payload = b'{"success":true}' if 200 <= status < 300 else b'{"success":false}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug(format, *args)
+
+        return Handler

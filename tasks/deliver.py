@@ -1,0 +1,120 @@
+"""The telemetry task: re-validate, attach platform data, deliver, retry with backoff."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+from typing import Any
+
+from celery import Task
+
+from rubrix_hooks.contract import DELIVER_TASK_NAME, EVENT_KEYS, InvalidEvent, validate_event
+from rubrix_hooks.settings import Settings
+from tasks.celery import app, settings
+from tasks.installation_id import installation_id
+from tasks.platform_info import platform_info
+from tasks.segment import DeliveryOutcome, Message, deliver_messages
+
+log = logging.getLogger("tasks.deliver")
+
+
+class DeliveryFailed(Exception):
+    """The backend could not take the events this time; the task is retried."""
+
+
+def retry_countdown(retries: int, retry_after: float | None, settings: Settings) -> float:
+    """Seconds to wait before the next attempt: exponential, jittered, capped.
+
+    "Equal jitter" (half fixed, half random) spreads workers apart while keeping each
+    wait at least half the nominal backoff. The cap stays below the broker's visibility
+    timeout (settings guarantee backoff_max < visibility_timeout): a longer wait on Redis
+    with acks_late would make the broker hand the message to a second worker.
+    """
+    nominal = min(settings.backoff_max, settings.backoff_base * 2**min(retries, 32))
+    countdown = random.uniform(nominal / 2, nominal)
+    if retry_after is not None:
+        countdown = max(countdown, retry_after)
+    return min(countdown, settings.backoff_max)
+
+
+def to_message(event: dict[str, Any]) -> Message:
+    return {
+        "type": "track",
+        "event": event["event"],
+        "anonymousId": installation_id(settings.data_dir),
+        "messageId": event["messageId"],
+        "timestamp": event["timestamp"],
+        "properties": event["properties"],
+        "context": platform_info(),
+    }
+
+
+def _valid_events(events: object, dropped: collections.Counter[str]) -> list[dict[str, Any]]:
+    if not isinstance(events, list):
+        dropped["not a list of events"] += 1
+        return []
+    valid = []
+    for raw in events:
+        try:
+            valid.append(validate_event(raw))
+        except InvalidEvent as error:
+            dropped[f"invalid: {error.reason}"] += 1
+    return valid
+
+
+def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
+    return {"delivered": delivered, "dropped": dict(dropped)}
+
+
+@app.task(
+    name=DELIVER_TASK_NAME,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # bounded by RUBRIX_TELEMETRY_MAX_RETRY_DURATION instead
+    typing=False,  # a malformed message is counted and dropped below, not failed by Celery
+)
+def deliver_events(self: Task, events: object = None, first_attempt_at: object = None, **_: object) -> dict[str, Any]:
+    """Delivers a batch of events; the return value says what was delivered and what was dropped why."""
+    dropped: collections.Counter[str] = collections.Counter()
+    if not settings.enabled:
+        dropped[f"telemetry off ({settings.decided_by})"] = len(events) if isinstance(events, list) else 0
+        return _summary(0, dropped)
+
+    valid = _valid_events(events, dropped)
+    if dropped:
+        log.warning("telemetry: rejected events outside the contract: %s", dict(dropped))
+    if not valid:
+        return _summary(0, dropped)
+    if settings.is_segment and not settings.write_key:
+        dropped["RUBRIX_TELEMETRY_KEY not set"] += len(valid)
+        log.error("telemetry: RUBRIX_TELEMETRY_KEY is not set; %d events not sent to %s",
+                  len(valid), settings.endpoint)
+        return _summary(0, dropped)
+
+    now = time.time()
+    started = first_attempt_at if isinstance(first_attempt_at, (int, float)) and first_attempt_at <= now else now
+    outcome: DeliveryOutcome = deliver_messages([to_message(event) for event in valid], settings)
+    dropped.update(outcome.dropped)
+    if not outcome.retry:
+        return _summary(len(outcome.delivered), dropped)
+
+    if now - started >= settings.max_retry_duration:
+        dropped[f"gave up after {settings.max_retry_duration:g}s ({outcome.retry_reason})"] += len(outcome.retry)
+        log.error("telemetry: dropped %d events: the backend failed (%s) for longer than %gs",
+                  len(outcome.retry), outcome.retry_reason, settings.max_retry_duration)
+        return _summary(len(outcome.delivered), dropped)
+
+    countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)
+    # Only what failed is retried, unchanged: same messageId, so the backend can de-duplicate.
+    retry_events = [{key: message[key] for key in EVENT_KEYS} for message in outcome.retry]
+    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s)",
+             len(outcome.delivered), len(retry_events), countdown, outcome.retry_reason)
+    raise self.retry(
+        args=[retry_events],
+        kwargs={"first_attempt_at": started},
+        countdown=countdown,
+        exc=DeliveryFailed(f"{outcome.retry_reason}; {len(retry_events)} events retry in {countdown:.1f}s"),
+    )

@@ -1,0 +1,143 @@
+"""Delivery to a Segment-compatible HTTP tracking API: `POST {endpoint}/v1/batch`.
+
+One `requests.Session` per process. Messages over Segment's 32 KB limit are dropped;
+the rest are packed into batches under its 500 KB limit. Each batch's answer decides
+what happens to its messages: delivered, to be retried (connection errors, timeouts,
+429, 5xx) or dropped (any other 4xx: sending it again would fail again).
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import requests
+
+from rubrix_hooks.settings import Settings
+
+log = logging.getLogger("tasks.segment")
+
+MAX_MESSAGE_BYTES = 32 << 10  # Segment rejects larger messages
+# Segment accepts 500 KB per batch; keep room for the envelope and any proxy's headers.
+MAX_BATCH_BYTES = 475_000
+BATCH_PATH = "/v1/batch"
+
+Message = dict[str, Any]
+
+
+@dataclass
+class DeliveryOutcome:
+    delivered: list[Message] = field(default_factory=list)
+    retry: list[Message] = field(default_factory=list)
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Why the retried messages failed ("HTTP 503", "ConnectTimeout", ...), for logs and Flower.
+    retry_reason: str | None = None
+    # The backend's Retry-After, in seconds, when it sent one.
+    retry_after: float | None = None
+
+
+_session: requests.Session | None = None
+_session_pid = 0
+
+
+def http_session() -> requests.Session:
+    """This process's session: connections are reused, never shared across a fork."""
+    global _session, _session_pid
+    if _session is None or _session_pid != os.getpid():
+        _session = requests.Session()
+        _session.headers["User-Agent"] = "rubrix-telemetry"
+        _session_pid = os.getpid()
+    return _session
+
+
+def encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def pack_batches(messages: list[Message]) -> tuple[list[list[tuple[Message, bytes]]], int]:
+    """Messages grouped into batches under MAX_BATCH_BYTES, and how many were too large."""
+    batches: list[list[tuple[Message, bytes]]] = []
+    current: list[tuple[Message, bytes]] = []
+    current_size = 0
+    too_large = 0
+    for message in messages:
+        body = encode(message)
+        if len(body) > MAX_MESSAGE_BYTES:
+            too_large += 1
+            continue
+        if current and current_size + len(body) + 1 > MAX_BATCH_BYTES:
+            batches.append(current)
+            current, current_size = [], 0
+        current.append((message, body))
+        current_size += len(body) + 1
+    if current:
+        batches.append(current)
+    return batches, too_large
+
+
+def _batch_body(encoded: list[bytes]) -> bytes:
+    sent_at = datetime.now(timezone.utc).isoformat()
+    return b'{"batch":[' + b",".join(encoded) + b'],"sentAt":"' + sent_at.encode() + b'"}'
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def deliver_messages(messages: list[Message], settings: Settings) -> DeliveryOutcome:
+    outcome = DeliveryOutcome()
+    batches, too_large = pack_batches(messages)
+    if too_large:
+        outcome.dropped["message over 32 KB"] += too_large
+        log.warning("telemetry: dropped %d messages over Segment's 32 KB limit", too_large)
+    url = settings.endpoint + BATCH_PATH
+    auth = (settings.write_key or "", "")
+    # Connecting should be quick; reading may wait for a slow backend up to the full timeout.
+    timeout = (min(5.0, settings.http_timeout), settings.http_timeout)
+    for batch in batches:
+        batch_messages = [message for message, _ in batch]
+        try:
+            response = http_session().post(
+                url,
+                data=_batch_body([body for _, body in batch]),
+                auth=auth,
+                headers={"Content-Type": "application/json"},
+                timeout=timeout,
+            )
+        except requests.RequestException as error:
+            outcome.retry.extend(batch_messages)
+            outcome.retry_reason = type(error).__name__
+            continue
+        status = response.status_code
+        if 200 <= status < 300:
+            outcome.delivered.extend(batch_messages)
+        elif status == 429 or status >= 500:
+            outcome.retry.extend(batch_messages)
+            outcome.retry_reason = f"HTTP {status}"
+            if status == 429:
+                outcome.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        else:
+            outcome.dropped[f"HTTP {status}"] += len(batch_messages)
+            log.error("telemetry: the backend refused %d events with HTTP %d: %s",
+                      len(batch_messages), status, response.text[:200])
+    return outcome
