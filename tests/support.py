@@ -146,3 +146,83 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+# A server-like child process: fires hooks, then prints what it observed as one JSON line.
+HOOK_CLIENT = r"""
+import asyncio, json, sys, threading, time
+from rubrix_hooks import flush, stats, track_bulk, track_error, track_login
+
+class Request:
+    headers = {"user-agent": "hook-client/1.0", "accept-language": "en"}
+
+class Error:
+    code = "rubrix.api.errors::EntityNotFoundError"
+
+async def fire(count):
+    slowest = 0.0
+    started = time.perf_counter()
+    for i in range(count):
+        t = time.perf_counter()
+        if i % 3 == 0:
+            await track_login(Request(), "rubrix")
+        elif i % 3 == 1:
+            await track_bulk("TextClassification", i)
+        else:
+            await track_error(Error(), Request())
+        slowest = max(slowest, time.perf_counter() - t)
+    return time.perf_counter() - started, slowest
+
+count = int(sys.argv[1])
+flush_timeout = float(sys.argv[2])
+elapsed, slowest = asyncio.run(fire(count))
+flushed = flush(flush_timeout)
+print(json.dumps({"elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
+                  "threads": threading.active_count(), "celery_loaded": "celery" in sys.modules}))
+"""
+
+
+def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
+                    timeout: float = 60) -> tuple[dict[str, Any], float]:
+    """Runs HOOK_CLIENT in a child process: (its report, seconds until the process had exited)."""
+    import json
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), took
+
+
+class SilentBroker:
+    """A TCP port that accepts connections (the kernel completes the handshake) and never
+    answers: the broker that hangs, rather than refuses. Counts the connections it got."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        import threading
+
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+                self.accepted.append(conn)
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
