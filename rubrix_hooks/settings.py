@@ -51,7 +51,7 @@ class Settings:
 
     @property
     def broker_url_or_default(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "filesystem://localhost//"
 
     @property
     def is_segment(self) -> bool:

@@ -58,6 +58,30 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from rubrix_hooks.rubrix_patch import RubrixNotInstalled
+    from rubrix_hooks.server import port_is_free, run_server
+
+    settings = load_settings()
+    if not port_is_free(args.host, args.port):
+        raise CommandFailed(f"port {args.port} on {args.host} is taken: pass --port")
+    try:
+        run_server(settings, args.host, args.port, example=args.example)
+    except RubrixNotInstalled as error:
+        raise CommandFailed(f"{error} (or pass --example to serve the example app)") from None
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.demo import DemoFailed, run_demo
+
+    try:
+        return run_demo(load_settings(), server_kind=args.server, keep_running=args.keep_running, port=args.port,
+                        collector_port=args.collector_port)
+    except DemoFailed as error:
+        raise CommandFailed(f"demo failed: {error}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from tasks.status import run_status
 
@@ -72,6 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline locally and print what leaves the server",
+        description="Starts a local collector, a Celery worker on the embedded on-disk queue and a server with "
+                    "the hooks (the real Rubrix when installed and its Elasticsearch answers, else the example "
+                    "app), sends a few realistic requests, prints the events exactly as the collector received "
+                    "them, then stops everything.")
+    demo.add_argument("--server", choices=["auto", "rubrix", "example"], default="auto",
+                      help="which server to run (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT, help="server port (default: %(default)s)")
+    demo.add_argument("--collector-port", type=int, default=0, help="collector port (default: any free port)")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave server, worker and collector running until Ctrl-C")
+    demo.set_defaults(run=cmd_demo)
+
+    server = commands.add_parser(
+        "server", help="run the Rubrix server with the telemetry hooks installed",
+        description="Runs the real Rubrix app (rubrix.server.server:app) under uvicorn with rubrix_hooks "
+                    "installed by patch_rubrix(), or with --example the example app with Rubrix's endpoints.")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    server.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT, help="port (default: %(default)s)")
+    server.add_argument("--example", action="store_true",
+                        help="serve the example app instead of Rubrix (no Rubrix or Elasticsearch needed)")
+    server.set_defaults(run=cmd_server)
 
     collector = commands.add_parser(
         "collector", help="run a local Segment-compatible backend that records what is sent",

@@ -120,8 +120,9 @@ class Collector:
                     status, headers = collector.responder(self.path, body) or (200, {})
                 elif body is None:
                     status = 400
-                self._answer(status, headers)
+                # Recorded before answering: whatever a sender saw accepted is already on file.
                 collector._record(ReceivedRequest(self.path, dict(self.headers), body, status, time.time()))
+                self._answer(status, headers)
 
             def _answer(self, status: int, headers: dict[str, str]) -> None:
                 payload = b'{"success":true}' if 200 <= status < 300 else b'{"success":false}'

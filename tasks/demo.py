@@ -1,0 +1,183 @@
+"""`rubrix-telemetry demo`: the whole pipeline on one machine, with nothing installed.
+
+A local collector (standing in for Segment), a Celery worker on the embedded on-disk
+queue, and a server with the hooks: the real Rubrix when it is installed and its
+Elasticsearch answers, otherwise the example app. It sends a few realistic requests,
+whose dataset names and record texts must never leave, then prints the events exactly
+as the collector received them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+from rubrix_hooks.server import port_is_free
+from rubrix_hooks.settings import Settings, telemetry_switch
+from tasks.collector import Collector
+
+log = logging.getLogger("rubrix-telemetry.demo")
+
+API_KEY_HEADER = {"X-Rubrix-Api-Key": "rubrix.apikey"}
+# What a user stores in Rubrix: none of it may appear in what the collector receives.
+PRIVATE_DATASET = "customer-complaints-acme"
+PRIVATE_TEXTS = ["Refund my order 4411 to IBAN DE89370400440532013000", "My email is jane.doe@example.com"]
+INVALID_DATASET = "Private_HR_Reviews"
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _request(url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", "User-Agent": "rubrix-telemetry-demo/1.0",
+        "Accept-Language": "en-GB", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _server_answers(base: str) -> bool:
+    try:
+        return _request(base + "/api/me", headers=API_KEY_HEADER) == 200
+    except OSError:
+        return False
+
+
+def _rubrix_available() -> bool:
+    """The real Rubrix can serve only when it is installed and its Elasticsearch answers."""
+    try:
+        import rubrix  # noqa: F401
+    except ImportError:
+        return False
+    elasticsearch = os.environ.get("RUBRIX_ELASTICSEARCH", "http://localhost:9200")
+    try:
+        with urllib.request.urlopen(elasticsearch, timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def send_requests(base: str) -> list[tuple[str, int]]:
+    """A short, realistic session; (description, HTTP status) for each request."""
+    bulk = f"{base}/api/datasets/{PRIVATE_DATASET}/TextClassification:bulk"
+    records = [{"inputs": {"text": text}, "metadata": {"customer": "acme-corp"}} for text in PRIVATE_TEXTS]
+    calls = [
+        ("GET /api/me", lambda: _request(base + "/api/me", headers=API_KEY_HEADER)),
+        ("GET /api/me without a valid key", lambda: _request(base + "/api/me", headers={"X-Rubrix-Api-Key": "nope"})),
+        (f"POST {PRIVATE_DATASET} TextClassification:bulk ({len(records)} records)",
+         lambda: _request(bulk, "POST", {"records": records}, API_KEY_HEADER)),
+        (f"POST {INVALID_DATASET} (invalid name) :bulk",
+         lambda: _request(f"{base}/api/datasets/{INVALID_DATASET}/TextClassification:bulk", "POST",
+                          {"records": records}, API_KEY_HEADER)),
+        ("GET /api/datasets/unknown-dataset", lambda: _request(base + "/api/datasets/unknown-dataset",
+                                                               headers=API_KEY_HEADER)),
+    ]
+    return [(what, call()) for what, call in calls]
+
+
+def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool = False,
+             port: int = 6900, collector_port: int = 0, timeout: float = 60.0) -> int:
+    enabled, decided_by = telemetry_switch(os.environ)
+    use_rubrix = server_kind == "rubrix" or (server_kind == "auto" and _rubrix_available())
+    if not port_is_free("127.0.0.1", port):
+        raise DemoFailed(f"port {port} on 127.0.0.1 is taken: pass --port")
+
+    # The folder outlives the stack: processes are stopped before their files go.
+    with tempfile.TemporaryDirectory(prefix="rubrix-telemetry-demo-") as folder, ExitStack() as stack:
+        workdir = Path(folder)
+        out = workdir / "received.jsonl"
+        collector = Collector(port=collector_port, out=out).start()
+        stack.callback(collector.stop)
+        log.info("collector (stands in for Segment) on %s, writing %s", collector.url, out)
+
+        env = {**os.environ, "RUBRIX_TELEMETRY_DATA_DIR": str(workdir / "data"),
+               "RUBRIX_TELEMETRY_ENDPOINT": collector.url, "RUBRIX_TELEMETRY_FLUSH_INTERVAL": "0.1"}
+        env.pop("RUBRIX_TELEMETRY_BROKER_URL", None)  # the embedded on-disk queue
+        env.pop("PYTHONPATH", None)
+        worker_log = (workdir / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", settings.queue, "--pool", "solo",
+             "--without-mingle", "--without-gossip", "-l", "INFO", "-n", "demo@%h"],
+            env=env, stdout=worker_log, stderr=subprocess.STDOUT)
+        stack.callback(_stop, worker)
+        server_args = ["server", "--port", str(port)] + ([] if use_rubrix else ["--example"])
+        server = subprocess.Popen([sys.executable, "-m", "tasks.cli", *server_args], env=env)
+        stack.callback(_stop, server)
+        log.info("worker on the embedded queue in %s; %s server on http://127.0.0.1:%d",
+                 workdir / "data", "Rubrix" if use_rubrix else "example", port)
+
+        def worker_ready() -> bool:
+            if worker.poll() is not None:
+                raise DemoFailed(f"the worker exited: see {worker_log.name}")
+            return b" ready." in Path(worker_log.name).read_bytes()
+
+        _wait(worker_ready, timeout, "the worker")
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: server.poll() is None and _server_answers(base) or _server_failed(server), timeout,
+              "the server")
+        for what, status in send_requests(base):
+            log.info("sent %-55s -> HTTP %d", what, status)
+
+        if not enabled:
+            time.sleep(3)
+            print(f"\nTelemetry is off ({decided_by}): the collector received {len(collector.accepted_messages())} "
+                  "messages.")
+        else:
+            # /api/me counted once above in the connectivity check, plus the session's requests.
+            _wait(lambda: len(collector.accepted_messages()) >= 6, timeout, "the events at the collector")
+            time.sleep(0.5)
+            print("\nThe collector received, exactly as sent:")
+            print(out.read_text(encoding="utf-8"), end="")
+            received = out.read_text(encoding="utf-8")
+            leaked = [s for s in [PRIVATE_DATASET, INVALID_DATASET, *PRIVATE_TEXTS, "acme-corp"] if s in received]
+            print(f"\n{len(collector.accepted_messages())} events; dataset names, record texts and metadata "
+                  f"sent to the server found in them: {leaked or 'none'}")
+        if keep_running:
+            print(f"\nStill running: server {base}, collector {collector.url} "
+                  f"(messages appended to {out}). Ctrl-C stops everything.", flush=True)
+            try:
+                while server.poll() is None and worker.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+def _server_failed(server: subprocess.Popen[bytes]) -> bool:
+    if server.poll() is not None:
+        raise DemoFailed(f"the server exited with code {server.returncode}")
+    return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
