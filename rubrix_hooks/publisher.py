@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures.thread  # noqa: F401 (see the note at _flush_at_exit)
 import logging
 import os
 import threading
@@ -58,6 +59,8 @@ class CeleryBatchSender:
             task_ignore_result=True,
         )
         self.description = masked_url(settings.broker_url_or_default)
+        # Import the broker's transport now, not at the first publish (no network I/O).
+        self._app.connection_for_write().release()
 
     def __call__(self, events: list[Event]) -> None:
         self._app.send_task(DELIVER_TASK_NAME, args=[events], queue=self._queue, retry=False)
@@ -111,9 +114,11 @@ class Publisher:
         deadline = time.monotonic() + timeout
         if self.pending() and self._thread is None:
             self._start()
+        # One wake-up: the thread publishes at once, and keeps its own pause between
+        # attempts if the broker is down (a flush must not hammer a dead broker).
+        self._wake.set()
         with self._idle:
             while self.pending():
-                self._wake.set()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -141,6 +146,10 @@ class Publisher:
                 self._thread = thread
 
     def _run(self) -> None:
+        try:
+            self._ensure_sender()
+        except Exception:  # retried at the first publish; the failure is logged there
+            pass
         while True:
             self._wake.wait(self._pause())
             self._wake.clear()
@@ -154,7 +163,12 @@ class Publisher:
     def _pause(self) -> float:
         if not self._failures:
             return self._settings.flush_interval
-        return min(MAX_PUBLISH_PAUSE, self._settings.flush_interval * 2**self._failures)
+        return min(MAX_PUBLISH_PAUSE, self._settings.flush_interval * 2 ** min(self._failures, 16))
+
+    def _ensure_sender(self) -> SendBatch:
+        if self._sender is None:
+            self._sender = self._make_sender()
+        return self._sender
 
     def _publish_all(self) -> None:
         size = self._settings.events_per_task
@@ -165,9 +179,7 @@ class Publisher:
                     return
                 self._in_hand = [self._buffer.popleft() for _ in range(take)]
             try:
-                if self._sender is None:
-                    self._sender = self._make_sender()
-                self._sender(self._in_hand)
+                self._ensure_sender()(self._in_hand)
             except Exception as error:
                 self._failures += 1
                 if self._failures == 1 or self._failures % 10 == 0:
@@ -208,6 +220,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# A server that exits right after its first events may import the broker's transport
+# only now. redis-py imports concurrent.futures.thread, whose first import registers a
+# threading atexit hook, which raises once shutdown has begun: hence the import above.
 @atexit.register
 def _flush_at_exit() -> None:
     for publisher in list(_live_publishers):

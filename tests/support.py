@@ -176,7 +176,7 @@ async def fire(count):
 count = int(sys.argv[1])
 flush_timeout = float(sys.argv[2])
 elapsed, slowest = asyncio.run(fire(count))
-flushed = flush(flush_timeout)
+flushed = flush(flush_timeout) if flush_timeout >= 0 else None  # < 0: leave it to the exit flush
 print(json.dumps({"elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
                   "threads": threading.active_count(), "celery_loaded": "celery" in sys.modules}))
 """
@@ -226,3 +226,182 @@ class SilentBroker:
         for conn in self.accepted:
             conn.close()
         self.sock.close()
+
+
+# -- fault and hostile-input tests (issue 6) ------------------------------------------------
+
+# A test-only wrapper around the example server, written to a temporary folder that only the
+# server children get on their PYTHONPATH (never the tests folder: see child_environment).
+# It tags each response with the serving process id and answers GET /_stats with that
+# process's hook counters; RT_FIRE_AT_IMPORT=1 fires an event at import, so that under
+# `gunicorn --preload` the publisher thread exists in the master before it forks.
+WRAPPED_APP_MODULE = "rt_fault_app"
+_WRAPPED_APP_SOURCE = '''
+import asyncio, json, os
+
+import rubrix_hooks
+from rubrix_hooks.example_app import app as example
+
+if os.environ.get("RT_FIRE_AT_IMPORT") == "1":
+    asyncio.run(rubrix_hooks.track_bulk("Text2Text", 0))
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "http" and scope["path"] == "/_stats":
+        body = json.dumps({"pid": os.getpid(), **rubrix_hooks.stats()}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return
+
+    async def tagged(message):
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"x-served-by", str(os.getpid()).encode())]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    await example(scope, receive, tagged)
+'''
+
+
+def write_wrapped_app(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{WRAPPED_APP_MODULE}.py").write_text(_WRAPPED_APP_SOURCE)
+    return folder
+
+
+class ServerProcess:
+    """A web server (uvicorn or gunicorn, any argv) in a child process, logging to a file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_file: Path, port: int,
+                 cwd: Path | None = None) -> None:
+        self.port = port
+        self.log_file = log_file
+        self._log = log_file.open("wb")
+        self.process = subprocess.Popen(argv, cwd=cwd or REPO_ROOT, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                return True
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        if not wait_until(answers, timeout, interval=0.1) or self.process.poll() is not None:
+            raise RuntimeError(f"server not ready in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> float:
+        """Signals the server and waits for it to exit; returns the seconds it took."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return time.monotonic() - started
+
+
+def http_request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+                 body: bytes | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection: (status, lower-cased headers, body)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers={"Connection": "close", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def raw_http_status(port: int, request: bytes, timeout: float = 10) -> int | None:
+    """Sends bytes exactly as given; the response's status code, or None if the server closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(request)
+        received = b""
+        while b"\r\n" not in received:
+            chunk = connection.recv(4096)
+            if not chunk:
+                return None
+            received += chunk
+    parts = received.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The messages de-duplicated by messageId, as the analytics backend does."""
+    return {message["messageId"]: message for message in messages}
+
+
+def publish_events(count: int, queue: str, broker_url: str | None = None) -> list[dict[str, Any]]:
+    """`count` valid LogRecordsRequested events put on `queue` by the server's own sender, as
+    the publisher thread would (settings.events_per_task per task message)."""
+    from dataclasses import replace
+
+    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, build_event
+    from rubrix_hooks.publisher import CeleryBatchSender
+    from rubrix_hooks.settings import load_settings
+
+    settings = load_settings()
+    settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url)
+    events = [build_event(LOG_RECORDS_REQUESTED, {"task": "TextClassification", "records": n}) for n in range(count)]
+    sender = CeleryBatchSender(settings)
+    try:
+        for start in range(0, count, settings.events_per_task):
+            sender(events[start:start + settings.events_per_task])
+    finally:
+        sender.close()
+    return events
+
+
+class Children:
+    """Worker and server processes a test starts; all stopped when it ends (the `children` fixture)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[WorkerProcess | ServerProcess] = []
+
+    def worker(self, queue: str, endpoint: str, broker_url: str | None = None, ready: bool = True,
+               **settings: str) -> WorkerProcess:
+        """`celery -A tasks worker -Q queue` delivering to `endpoint`; settings: BACKOFF_MAX="2", ..."""
+        env = child_environment(
+            RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=endpoint,
+            **({"RUBRIX_TELEMETRY_BROKER_URL": broker_url} if broker_url else {}),
+            **{f"RUBRIX_TELEMETRY_{name.upper()}": value for name, value in settings.items()})
+        worker = WorkerProcess(env, self.folder / f"worker-{len(self.started)}.log", queue=queue)
+        self.started.append(worker)
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    def server(self, argv: list[str], port: int, env: dict[str, str]) -> ServerProcess:
+        app_folder = write_wrapped_app(self.folder / "app")
+        env = {**env, "PYTHONPATH": str(app_folder)}
+        server = ServerProcess(argv, env, self.folder / f"server-{len(self.started)}.log", port, cwd=app_folder)
+        self.started.append(server)
+        server.wait_ready()
+        return server
+
+    def stop_all(self) -> None:
+        for child in reversed(self.started):
+            child.stop(signal.SIGKILL if isinstance(child, WorkerProcess) else signal.SIGTERM)
+
+
+def children_fixture(folder: Path):
+    """Body of a `children` fixture: `yield from children_fixture(tmp_path)`."""
+    group = Children(folder)
+    try:
+        yield group
+    finally:
+        group.stop_all()
