@@ -86,6 +86,10 @@ def _read(environ: Mapping[str, str], name: str, default: T, parse: Callable[[st
         raise ConfigurationError(f"{name} must be {rule}, got {raw!r}") from None
 
 
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    return _read(environ, name, default, _positive_float, "a positive number of seconds")
+
+
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -134,23 +138,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         queue=_read(env, "RUBRIX_TELEMETRY_QUEUE", "telemetry", _queue_name,
                     "a queue name of letters, digits, '-', '_' and '.'"),
         buffer_size=_read(env, "RUBRIX_TELEMETRY_BUFFER_SIZE", 10_000, _positive_int, "a positive integer"),
-        flush_interval=_read(env, "RUBRIX_TELEMETRY_FLUSH_INTERVAL", 0.2, _positive_float,
-                             "a positive number of seconds"),
+        flush_interval=_seconds(env, "RUBRIX_TELEMETRY_FLUSH_INTERVAL", 0.2),
         events_per_task=_read(env, "RUBRIX_TELEMETRY_EVENTS_PER_TASK", 20, _positive_int, "a positive integer"),
-        publish_timeout=_read(env, "RUBRIX_TELEMETRY_PUBLISH_TIMEOUT", 1.0, _positive_float,
-                              "a positive number of seconds"),
-        shutdown_timeout=_read(env, "RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT", 5.0, _positive_float,
-                               "a positive number of seconds"),
-        backoff_base=_read(env, "RUBRIX_TELEMETRY_BACKOFF_BASE", 2.0, _positive_float,
-                           "a positive number of seconds"),
-        backoff_max=_read(env, "RUBRIX_TELEMETRY_BACKOFF_MAX", 600.0, _positive_float,
-                          "a positive number of seconds"),
-        max_retry_duration=_read(env, "RUBRIX_TELEMETRY_MAX_RETRY_DURATION", 86_400.0, _positive_float,
-                                 "a positive number of seconds"),
-        visibility_timeout=_read(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0, _positive_float,
-                                 "a positive number of seconds"),
-        http_timeout=_read(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0, _positive_float,
-                           "a positive number of seconds"),
+        publish_timeout=_seconds(env, "RUBRIX_TELEMETRY_PUBLISH_TIMEOUT", 1.0),
+        shutdown_timeout=_seconds(env, "RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT", 5.0),
+        backoff_base=_seconds(env, "RUBRIX_TELEMETRY_BACKOFF_BASE", 2.0),
+        backoff_max=_seconds(env, "RUBRIX_TELEMETRY_BACKOFF_MAX", 600.0),
+        max_retry_duration=_seconds(env, "RUBRIX_TELEMETRY_MAX_RETRY_DURATION", 86_400.0),
+        visibility_timeout=_seconds(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0),
+        http_timeout=_seconds(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0),
     )
     # With Redis and acks_late, a retry held longer than the visibility timeout is
     # delivered twice (DESIGN.md, known traps): refuse such a configuration outright.
