@@ -12,6 +12,7 @@ from celery import Task
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME, EVENT_KEYS, InvalidEvent, validate_event
 from rubrix_hooks.settings import Settings
+from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import installation_id
 from tasks.platform_info import platform_info
@@ -65,6 +66,8 @@ def _valid_events(events: object, dropped: collections.Counter[str]) -> list[dic
 
 
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
+    # Every final outcome of a task passes here: the one place it is counted.
+    counters.record(settings, delivered=delivered, dropped=dropped)
     return {"delivered": delivered, "dropped": dict(dropped)}
 
 
@@ -112,6 +115,7 @@ def deliver_events(self: Task, events: object = None, first_attempt_at: object =
     retry_events = [{key: message[key] for key in EVENT_KEYS} for message in outcome.retry]
     log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s)",
              len(outcome.delivered), len(retry_events), countdown, outcome.retry_reason)
+    counters.record(settings, delivered=len(outcome.delivered), retried=len(retry_events), dropped=dropped)
     raise self.retry(
         args=[retry_events],
         kwargs={"first_attempt_at": started},

@@ -1,0 +1,120 @@
+"""Delivery counts kept in the broker, so that every worker and `rubrix-telemetry status`
+see the same numbers.
+
+Fields: `delivered`, `retried` (events scheduled for another attempt) and
+`dropped:<reason>`. On Redis they are one hash (HINCRBY is atomic across workers); on the
+embedded on-disk broker, a small JSON file in the data folder under an exclusive `flock`.
+Counting is bookkeeping: it never makes a task fail.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from rubrix_hooks.settings import Settings
+
+log = logging.getLogger("tasks.counters")
+
+REDIS_KEY = "rubrix-telemetry:counts"
+FILE_NAME = "counts.json"
+DELIVERED = "delivered"
+RETRIED = "retried"
+DROPPED_PREFIX = "dropped:"
+REDIS_SCHEMES = frozenset({"redis", "rediss"})
+
+_clients: dict[tuple[int, str], Any] = {}
+
+
+class CountsUnavailable(Exception):
+    """The counts cannot be read (broker down, or a broker that keeps none)."""
+
+
+def redis_client(url: str, timeout: float) -> Any:
+    """A Redis client that fails fast: no retries, `timeout` seconds to connect and to read."""
+    import redis
+    from redis.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                retry=Retry(NoBackoff(), 0), decode_responses=True)
+
+
+def _worker_client(settings: Settings) -> Any:
+    # One client (and connection pool) per process: never shared across a fork.
+    key = (os.getpid(), settings.broker_url_or_default)
+    if key not in _clients:
+        _clients[key] = redis_client(settings.broker_url_or_default, max(settings.publish_timeout, 2.0))
+    return _clients[key]
+
+
+def counts_file(settings: Settings) -> Path:
+    return settings.data_dir / FILE_NAME
+
+
+def keeps_counts(settings: Settings) -> bool:
+    return settings.uses_embedded_broker or urlsplit(settings.broker_url_or_default).scheme in REDIS_SCHEMES
+
+
+def _increments(delivered: int, retried: int, dropped: Mapping[str, int]) -> dict[str, int]:
+    fields = {DELIVERED: delivered, RETRIED: retried}
+    fields.update({DROPPED_PREFIX + reason: n for reason, n in dropped.items()})
+    return {name: n for name, n in fields.items() if n > 0}
+
+
+def _update_file(path: Path, increments: Mapping[str, int]) -> dict[str, int]:
+    """Adds `increments` to the counts in `path` (none: only reads) under an exclusive lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+        text = file.read()
+        counts: dict[str, int] = json.loads(text) if text.strip() else {}
+        if increments:
+            for name, n in increments.items():
+                counts[name] = counts.get(name, 0) + n
+            file.seek(0)
+            file.truncate()
+            file.write(json.dumps(counts, sort_keys=True))
+        return counts
+
+
+def record(settings: Settings, delivered: int = 0, retried: int = 0,
+           dropped: Mapping[str, int] | None = None) -> None:
+    """Adds to the shared counts; logs at debug and carries on when it cannot."""
+    increments = _increments(delivered, retried, dropped or {})
+    if not increments or not keeps_counts(settings):
+        return
+    try:
+        if settings.uses_embedded_broker:
+            _update_file(counts_file(settings), increments)
+        else:
+            pipe = _worker_client(settings).pipeline(transaction=False)
+            for name, n in increments.items():
+                pipe.hincrby(REDIS_KEY, name, n)
+            pipe.execute()
+    except Exception as error:  # noqa: BLE001 (bookkeeping must never fail a delivery)
+        log.debug("telemetry: could not count %s: %r", increments, error)
+
+
+def read_counts(settings: Settings, client: Any = None) -> dict[str, Any]:
+    """`{"delivered": n, "retried": n, "dropped": {reason: n}}`, or raises CountsUnavailable."""
+    if not keeps_counts(settings):
+        raise CountsUnavailable(f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker")
+    try:
+        if settings.uses_embedded_broker:
+            raw = _update_file(counts_file(settings), {})
+        else:
+            raw = (client or _worker_client(settings)).hgetall(REDIS_KEY)
+    except Exception as error:  # noqa: BLE001
+        raise CountsUnavailable(f"cannot read the counts: {type(error).__name__}") from None
+    counts: dict[str, Any] = {DELIVERED: int(raw.get(DELIVERED, 0)), RETRIED: int(raw.get(RETRIED, 0)),
+                              "dropped": {}}
+    for name, n in sorted(raw.items()):
+        if name.startswith(DROPPED_PREFIX):
+            counts["dropped"][name[len(DROPPED_PREFIX):]] = int(n)
+    return counts
