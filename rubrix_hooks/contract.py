@@ -57,6 +57,7 @@ def header_value(value: object) -> str | None:
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str):
         return None
+    value = str.__str__(value)  # an exact str: a subclass may override any method we call
     # Lone surrogates (undecodable bytes) would break JSON encoders downstream.
     value = value[: MAX_HEADER_LENGTH * 4].encode("utf-8", "replace").decode("utf-8")
     value = _CONTROL_CHARACTERS.sub("", value).strip()
@@ -72,9 +73,11 @@ def _is_default_user(value: object) -> bool:
 def _task_name(value: object) -> str:
     # Rubrix passes its TaskType, a str Enum: compare its value, never str(task).
     value = getattr(value, "value", value)
-    if not isinstance(value, str) or value not in RUBRIX_TASKS:
+    # str.__str__ gives an exact str: a subclass could compare equal to anything and
+    # carry its own text (a dataset name, say) out.
+    if not isinstance(value, str) or str.__str__(value) not in RUBRIX_TASKS:
         raise InvalidEvent("task is not a Rubrix task")
-    return value
+    return str.__str__(value)
 
 
 def _record_count(value: object) -> int:
@@ -84,11 +87,10 @@ def _record_count(value: object) -> int:
 
 
 def _error_code(value: object) -> str:
-    if (
-        not isinstance(value, str)
-        or len(value) > MAX_CODE_LENGTH
-        or not ERROR_CODE_PATTERN.fullmatch(value)
-    ):
+    if not isinstance(value, str):
+        raise InvalidEvent("code is not an error code")
+    value = str.__str__(value)  # an exact str, whatever the subclass overrides
+    if len(value) > MAX_CODE_LENGTH or not ERROR_CODE_PATTERN.fullmatch(value):
         raise InvalidEvent("code is not an error code")
     return value
 

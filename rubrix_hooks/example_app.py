@@ -11,14 +11,16 @@ the error handler -> track_error. Errors answer Rubrix's shape
 
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rubrix_hooks.telemetry import track_bulk, track_error, track_login
+from rubrix_hooks.telemetry import shutdown_async, track_bulk, track_error, track_login
 
 API_KEY = "rubrix.apikey"
 DEFAULT_USER = "rubrix"
@@ -95,7 +97,14 @@ async def rubrix_error_handler(request: Request, error: Exception) -> JSONRespon
     return JSONResponse({"detail": {"code": error.code, "params": error.params}}, status_code=error.http_status)
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield
+    await shutdown_async()  # see rubrix_hooks.telemetry.shutdown: atexit is not reached on SIGTERM
+
+
 app = Starlette(
+    lifespan=lifespan,
     routes=[
         Route("/api/me", me, methods=["GET"]),
         Route("/api/datasets/{name}/{task}:bulk", bulk, methods=["POST"]),

@@ -18,7 +18,7 @@ import zlib
 from typing import Any, Awaitable, Callable, MutableMapping
 
 from rubrix_hooks.contract import DEFAULT_USERNAME, LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED
-from rubrix_hooks.telemetry import record, settings
+from rubrix_hooks.telemetry import record, settings, shutdown_async
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -56,6 +56,9 @@ class TelemetryMiddleware:
         self._bulk_path = re.compile(rf"{prefix}/datasets/[^/]+/(?P<task>[^/:]+):bulk/?")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and settings.enabled:
+            await self.app(scope, receive, _flush_before_shutdown_completes(send))
+            return
         if scope["type"] != "http" or not settings.enabled:
             await self.app(scope, receive, send)
             return
@@ -68,6 +71,17 @@ class TelemetryMiddleware:
             route = None
         watcher = _ResponseWatcher(scope, route)
         await self.app(scope, receive, watcher.wrap(send))
+
+
+def _flush_before_shutdown_completes(send: Send) -> Send:
+    """The buffer goes to the broker before the server is told it may exit (see telemetry.shutdown)."""
+
+    async def lifespan_send(message: Message) -> None:
+        if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await shutdown_async()
+        await send(message)
+
+    return lifespan_send
 
 
 class _ResponseWatcher:

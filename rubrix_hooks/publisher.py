@@ -76,13 +76,13 @@ class Publisher:
         self._settings = settings
         self._make_sender = make_sender or (lambda: CeleryBatchSender(settings))
         self._capacity = settings.buffer_size
-        self.dropped: collections.Counter[str] = collections.Counter()
-        self.published = 0
         self._reset()
         _live_publishers.add(self)
 
     def _reset(self) -> None:
         """Fresh state: at creation and in a forked child, whose copied thread and locks are dead."""
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.published = 0
         self._buffer: collections.deque[Event] = collections.deque()
         self._in_hand: list[Event] = []  # taken from the buffer, not yet published
         self._wake = threading.Event()
@@ -147,7 +147,8 @@ class Publisher:
 
     def _run(self) -> None:
         try:
-            self._ensure_sender()
+            with _fork_guard:
+                self._ensure_sender()
         except Exception:  # retried at the first publish; the failure is logged there
             pass
         while True:
@@ -179,7 +180,8 @@ class Publisher:
                     return
                 self._in_hand = [self._buffer.popleft() for _ in range(take)]
             try:
-                self._ensure_sender()(self._in_hand)
+                with _fork_guard:
+                    self._ensure_sender()(self._in_hand)
             except Exception as error:
                 self._failures += 1
                 if self._failures == 1 or self._failures % 10 == 0:
@@ -210,14 +212,21 @@ class Publisher:
 
 _live_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
 
+# Held while the publisher thread imports Celery or publishes. A fork in the middle of
+# either would hand the child half-imported modules and locks owned by a thread it does
+# not have (its publishes would then fail for ever); so a fork waits, at most one publish.
+_fork_guard = threading.Lock()
+
 
 def _after_fork_in_child() -> None:
+    _fork_guard.release()
     # The parent still owns (and will send) the events buffered before the fork.
     for publisher in list(_live_publishers):
         publisher._reset()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_fork_guard.acquire, after_in_parent=_fork_guard.release,
+                    after_in_child=_after_fork_in_child)
 
 
 # A server that exits right after its first events may import the broker's transport

@@ -13,6 +13,7 @@ from types import ModuleType
 from rubrix_hooks import telemetry
 
 RUBRIX_TELEMETRY_MODULE = "rubrix.server.commons.telemetry"
+RUBRIX_APP_MODULE = "rubrix.server.server"
 HOOKS = ("track_login", "track_bulk", "track_error")
 
 
@@ -33,10 +34,17 @@ def _rubrix_telemetry_module() -> ModuleType:
 
 
 def patch_rubrix() -> None:
-    """Installs the hooks in Rubrix (idempotent). Raises RubrixNotInstalled without Rubrix."""
+    """Installs the hooks in Rubrix (idempotent). Raises RubrixNotInstalled without Rubrix.
+
+    Also hands the buffer to the broker when Rubrix's app shuts down: under uvicorn a
+    SIGTERM ends the process without running exit handlers (see telemetry.shutdown).
+    """
     module = _rubrix_telemetry_module()
     for name in HOOKS:
         setattr(module, name, getattr(telemetry, name))
+    app = importlib.import_module(RUBRIX_APP_MODULE).app
+    if telemetry.shutdown_async not in app.router.on_shutdown:
+        app.router.on_shutdown.append(telemetry.shutdown_async)
 
 
 def is_patched() -> bool:

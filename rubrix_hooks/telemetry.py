@@ -16,6 +16,7 @@ from rubrix_hooks.contract import (
     LOG_RECORDS_REQUESTED,
     SERVER_ERROR_FOUND,
     USER_INFO_REQUESTED,
+    InvalidEvent,
     build_event,
 )
 from rubrix_hooks.publisher import Publisher
@@ -64,7 +65,8 @@ def record(event: str, properties: Callable[[], Mapping[str, object]]) -> bool:
     try:
         return publisher().submit(build_event(event, properties()))
     except Exception as error:  # a hook must never fail the request it observes
-        publisher().count_drop(getattr(error, "reason", "hook_error"))
+        # Only our own reasons are counted by name: any other error's text may carry user data.
+        publisher().count_drop(error.reason if isinstance(error, InvalidEvent) else "hook_error")
         log.debug("telemetry: event %s not recorded: %s", event, type(error).__name__)
         return False
 
@@ -93,6 +95,28 @@ def flush(timeout: float = 5.0) -> bool:
     if _publisher is None:
         return True
     return _publisher.flush(timeout)
+
+
+def shutdown(timeout: float | None = None) -> None:
+    """Hands the buffer to the broker, waiting at most `timeout` (default
+    RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT) seconds; what is left is counted as dropped.
+
+    Call it when the server stops. An interpreter exit does it too, but uvicorn (0.29 and
+    later, gunicorn's UvicornWorker included) re-raises SIGTERM after its own shutdown,
+    and a process killed by a signal never runs its exit handlers: the ASGI lifespan
+    shutdown is the last moment a server is sure to reach. `TelemetryMiddleware`, the
+    example app and `rubrix-telemetry server` call it there.
+    """
+    if _publisher is not None:
+        _publisher.close(settings.shutdown_timeout if timeout is None else timeout)
+
+
+async def shutdown_async(timeout: float | None = None) -> None:
+    """`shutdown()` for an event loop: waits in a thread, so other shutdown work goes on."""
+    if _publisher is not None and _publisher.pending():
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, shutdown, timeout)
 
 
 def stats() -> dict[str, Any]:

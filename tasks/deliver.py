@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import InvalidTaskError
+from celery.worker.request import Request
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME, EVENT_KEYS, InvalidEvent, validate_event
 from rubrix_hooks.settings import Settings
@@ -23,6 +25,26 @@ log = logging.getLogger("tasks.deliver")
 
 class DeliveryFailed(Exception):
     """The backend could not take the events this time; the task is retried."""
+
+
+class CheckedRequest(Request):
+    """Celery's request, refusing a body that is not `[args, kwargs, embed]`.
+
+    Celery unpacks the body inside Request() and, on a body of another shape (valid JSON
+    written by a buggy or hostile producer), stops the worker with "Unrecoverable error";
+    the message then goes back to the queue and stops the next worker too. As an
+    InvalidTaskError it is logged and discarded, and the worker goes on.
+    """
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+            task_args, task_kwargs, embed = self._payload
+        except (ValueError, TypeError) as error:
+            raise InvalidTaskError(f"malformed task body ({type(error).__name__})") from None
+        if not (isinstance(task_args, (list, tuple)) and isinstance(task_kwargs, dict)
+                and isinstance(embed, (dict, type(None)))):
+            raise InvalidTaskError("malformed task body (not [args, kwargs, embed])")
 
 
 def retry_countdown(retries: int, retry_after: float | None, settings: Settings) -> float:
@@ -73,6 +95,7 @@ def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any
 
 @app.task(
     name=DELIVER_TASK_NAME,
+    Request=CheckedRequest,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,

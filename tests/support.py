@@ -244,6 +244,7 @@ from rubrix_hooks.example_app import app as example
 
 if os.environ.get("RT_FIRE_AT_IMPORT") == "1":
     asyncio.run(rubrix_hooks.track_bulk("Text2Text", 0))
+    rubrix_hooks.flush(10)  # a fork during the thread's first publish is another test's subject
 
 
 async def app(scope, receive, send):

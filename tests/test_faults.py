@@ -1,0 +1,166 @@
+"""Faults on the worker's side, against real parts: nothing is lost.
+
+Each test runs `celery -A tasks worker` as a child process on a queue of its own, so the
+session's in-process worker never takes its messages, and delivers to a collector of its
+own, scripted to fail. Figures measured here are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from tasks.collector import Collector
+from tests.support import (RedisServer, children_fixture, free_port, message_ids, publish_events,
+                           unique_messages, wait_until)
+
+pytestmark = pytest.mark.slow
+
+BACKOFF_BASE = 0.3
+BACKOFF_MAX = 2.0
+HTTP_TIMEOUT = 1.0
+RETRY_LINE = re.compile(r"to retry in (?P<countdown>[\d.]+)s \((?P<reason>[^)]*)\)")
+
+
+@pytest.fixture
+def children(redis_server, tmp_path):
+    yield from children_fixture(tmp_path)
+
+
+@pytest.fixture
+def collectors():
+    started: list[Collector] = []
+
+    def start(port: int = 0, responder=None) -> Collector:
+        collector = Collector(port=port, responder=responder).start()
+        started.append(collector)
+        return collector
+
+    yield start
+    for collector in started:
+        collector.stop()
+
+
+def retries_logged(worker) -> list[tuple[float, str]]:
+    return [(float(m["countdown"]), m["reason"]) for m in RETRY_LINE.finditer(worker.log())]
+
+
+def assert_each_delivered_once_after_dedup(events, backend) -> dict:
+    accepted = backend.accepted_messages()
+    unique = unique_messages(accepted)
+    assert set(unique) == {event["messageId"] for event in events}
+    for event in events:
+        assert unique[event["messageId"]]["properties"] == event["properties"]
+    return {"sent": len(events), "accepted": len(accepted), "unique": len(unique),
+            "duplicates": len(accepted) - len(unique)}
+
+
+def test_backend_refused_then_503_then_429_then_slow_then_back_delivers_everything(children, collectors):
+    port = free_port()  # nothing listens there yet: connection refused
+    queue = "faults-outage"
+    worker = children.worker(queue, f"http://127.0.0.1:{port}", backoff_base=str(BACKOFF_BASE),
+                             backoff_max=str(BACKOFF_MAX), http_timeout=str(HTTP_TIMEOUT))
+    events = publish_events(45, queue)  # three task messages: 20 + 20 + 5 events
+
+    assert wait_until(lambda: sum(reason == "ConnectionError" for _, reason in retries_logged(worker)) >= 4,
+                      timeout=30), worker.log()
+
+    lock = threading.Lock()
+    answers: list = [503] * 3 + [(429, {"Retry-After": "1"})] * 3 + ["slow"] * 2
+
+    def respond(path, body):
+        with lock:
+            answer = answers.pop(0) if answers else 200
+        if answer == "slow":  # answers only after the worker has given up waiting
+            time.sleep(HTTP_TIMEOUT + 0.5)
+            return 200, {}
+        return answer if isinstance(answer, tuple) else (answer, {})
+
+    backend = collectors(port, respond)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 45, timeout=60), worker.log()
+    figures = assert_each_delivered_once_after_dedup(events, backend)
+
+    # Retries are spaced by the backoff: every countdown within [base/2, max], and at least
+    # Retry-After after a 429.
+    retries = retries_logged(worker)
+    reasons = {reason for _, reason in retries}
+    assert {"ConnectionError", "HTTP 503", "HTTP 429", "ReadTimeout"} <= reasons, retries
+    for countdown, reason in retries:
+        assert BACKOFF_BASE / 2 - 0.05 <= countdown <= BACKOFF_MAX, (countdown, reason)
+        if reason == "HTTP 429":
+            assert countdown >= 1.0, retries
+    # ... and on the backend's clock: consecutive attempts at one batch are that far apart.
+    attempts: dict[frozenset, list] = {}
+    for request in backend.requests:
+        attempts.setdefault(frozenset(message_ids(request.messages)), []).append(request)
+    for tries in attempts.values():
+        for earlier, later in zip(tries, tries[1:]):
+            floor = 1.0 if earlier.status == 429 else BACKOFF_BASE / 2
+            assert later.received_at - earlier.received_at >= floor - 0.05, [(t.status, t.received_at) for t in tries]
+    print("backend outage:", figures, "retries:", len(retries), sorted(reasons))
+
+
+def test_worker_killed_mid_delivery_its_events_arrive_after_the_visibility_timeout(children, collectors):
+    queue = "faults-sigkill"
+    visibility_timeout = 4.0
+    in_flight, release = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    seen, held = [], []
+
+    def respond(path, body):
+        with lock:
+            first = not seen
+            seen.append(path)
+        if first:
+            held.extend(message["messageId"] for message in body["batch"])  # hold the first delivery until the worker that sent it is dead
+            in_flight.set()
+            release.wait(30)
+            return 503, {}
+        return 200, {}
+
+    backend = collectors(0, respond)
+    settings = {"visibility_timeout": str(visibility_timeout), "backoff_max": str(BACKOFF_MAX),
+                "backoff_base": str(BACKOFF_BASE), "http_timeout": "30"}
+    first_worker = children.worker(queue, backend.url, **settings)
+    events = publish_events(30, queue)  # two task messages: 20 + 10 events
+
+    assert in_flight.wait(30), first_worker.log()
+    first_worker.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    release.set()
+
+    second_worker = children.worker(queue, backend.url, **settings)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 30, timeout=60), (
+        second_worker.log())
+    recovered_after = time.monotonic() - killed_at
+    figures = assert_each_delivered_once_after_dedup(events, backend)
+    # The killed delivery was never acknowledged: it came back through the broker.
+    assert len(held) == 20 and set(held) <= set(message_ids(backend.accepted_messages()))
+    print("sigkill:", figures, f"recovered {recovered_after:.1f}s after the kill "
+          f"({recovered_after / visibility_timeout:.2f} x visibility timeout)")
+
+
+def test_redis_restarted_with_events_queued_delivers_them_afterwards(children, collectors, tmp_path):
+    # A redis-server of this test's own (append-only, as the session's): restarting the
+    # session's would disturb the in-process worker other test modules share.
+    redis = RedisServer(port=free_port(), folder=tmp_path / "redis")
+    redis.start()
+    try:
+        queue = "faults-redis-restart"
+        events = publish_events(45, queue, broker_url=redis.url)
+        assert redis.client().llen(queue) == 3
+        redis.restart()
+        assert redis.client().llen(queue) == 3, "the queued task messages did not survive the restart"
+
+        backend = collectors()
+        children.worker(queue, backend.url, broker_url=redis.url)
+        assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 45, timeout=30)
+        figures = assert_each_delivered_once_after_dedup(events, backend)
+        assert figures["duplicates"] == 0
+        print("redis restart:", figures)
+    finally:
+        redis.stop()
