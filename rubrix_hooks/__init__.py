@@ -1,6 +1,6 @@
 """Server side of rubrix-telemetry: hooks that record allowlisted events and hand them off.
 
-    from rubrix_hooks import track_login, track_bulk, track_error, flush
+    from rubrix_hooks import track_login, track_bulk, track_error, flush, shutdown_async
 
 Attributes are loaded on first use, so that importing the shared contract or settings
 (as the workers do) does not read the hooks' configuration or start anything.
@@ -17,6 +17,8 @@ _EXPORTS = {
     "track_error": "rubrix_hooks.telemetry",
     "flush": "rubrix_hooks.telemetry",
     "stats": "rubrix_hooks.telemetry",
+    "shutdown": "rubrix_hooks.telemetry",
+    "shutdown_async": "rubrix_hooks.telemetry",
     "patch_rubrix": "rubrix_hooks.rubrix_patch",
     "TelemetryMiddleware": "rubrix_hooks.middleware",
     "ConfigurationError": "rubrix_hooks.settings",
