@@ -95,12 +95,16 @@ class Publisher:
         self._dropped_since_warning = 0
 
     # -- request path ---------------------------------------------------------------
-    def submit(self, event: Event) -> bool:
-        """Buffers the event; False (and counted) when the buffer is full. Never blocks."""
+    def submit(self, make_event: Callable[[], Event]) -> bool:
+        """Builds and buffers an event; False (and counted) when the buffer is full. Never blocks.
+
+        The event is built only once there is room: during a broker outage the buffer
+        stays full, and requests should then pay nothing for it (uuid4, clock, headers).
+        """
         if len(self._buffer) >= self._capacity:
             self.count_drop("buffer_full")
             return False
-        self._buffer.append(event)
+        self._buffer.append(make_event())
         if self._thread is None:
             self._start()
         return True

@@ -139,7 +139,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                     "a queue name of letters, digits, '-', '_' and '.'"),
         buffer_size=_read(env, "RUBRIX_TELEMETRY_BUFFER_SIZE", 10_000, _positive_int, "a positive integer"),
         flush_interval=_seconds(env, "RUBRIX_TELEMETRY_FLUSH_INTERVAL", 0.2),
-        events_per_task=_read(env, "RUBRIX_TELEMETRY_EVENTS_PER_TASK", 20, _positive_int, "a positive integer"),
+        # Each task message costs the server ~2 ms of CPU to publish and the worker ~4 ms to
+        # take and deliver, whatever it carries (docs/benchmarks.md); the publisher fills a
+        # task only as far as events are waiting, so quiet servers still send small ones.
+        events_per_task=_read(env, "RUBRIX_TELEMETRY_EVENTS_PER_TASK", 500, _positive_int, "a positive integer"),
         publish_timeout=_seconds(env, "RUBRIX_TELEMETRY_PUBLISH_TIMEOUT", 1.0),
         shutdown_timeout=_seconds(env, "RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT", 5.0),
         backoff_base=_seconds(env, "RUBRIX_TELEMETRY_BACKOFF_BASE", 2.0),

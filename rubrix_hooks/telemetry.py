@@ -63,7 +63,7 @@ def record(event: str, properties: Callable[[], Mapping[str, object]]) -> bool:
     if not settings.enabled:
         return False
     try:
-        return publisher().submit(build_event(event, properties()))
+        return publisher().submit(lambda: build_event(event, properties()))
     except Exception as error:  # a hook must never fail the request it observes
         # Only our own reasons are counted by name: any other error's text may carry user data.
         publisher().count_drop(error.reason if isinstance(error, InvalidEvent) else "hook_error")

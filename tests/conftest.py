@@ -27,6 +27,8 @@ TEST_ENVIRONMENT = {
     "RUBRIX_TELEMETRY_KEY": "test-write-key",
     "RUBRIX_TELEMETRY_DATA_DIR": str(_SESSION_DIR / "data"),
     "RUBRIX_TELEMETRY_FLUSH_INTERVAL": "0.05",
+    # Small tasks, so that the tests see events spread over several task messages.
+    "RUBRIX_TELEMETRY_EVENTS_PER_TASK": "20",
     "RUBRIX_TELEMETRY_PUBLISH_TIMEOUT": "0.5",
     "RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT": "2",
     "RUBRIX_TELEMETRY_BACKOFF_BASE": "0.4",

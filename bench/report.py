@@ -1,0 +1,57 @@
+"""The targets of issue 5, checked on one run's results, and the table the bench prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target: the measured value (a ratio where the issue states one), its bound, met or not."""
+    hook, rps, e2e = results["hook_us"], results["server_rps"], results["e2e_events_per_s"]
+    checks = {
+        "hook ours/segment p50 <= 1 (aim 0.5)": (_ratio(hook["ours"]["p50"], hook["segment"]["p50"]), "<=", 1.0),
+        "server rps enabled/disabled >= 0.97": (_ratio(rps["enabled"], rps["disabled"]), ">=", 0.97),
+        "server rps broker_down/disabled >= 0.95": (_ratio(rps["broker_down"], rps["disabled"]), ">=", 0.95),
+        "e2e ours/segment >= 1": (_ratio(e2e["ours"], e2e["segment"]), ">=", 1.0),
+        "delivery latency p50 < 1000 ms": (results["delivery_latency_ms"]["p50"], "<", 1000.0),
+        "worker RSS < 150 MB": (results["worker_rss_mb"], "<", 150.0),
+    }
+    met = {"<=": lambda v, b: v <= b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b}
+    return {name: {"value": round(value, 3), "bound": f"{op} {bound:g}", "met": met[op](value, bound)}
+            for name, (value, op, bound) in checks.items()}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    hook, rps, e2e = results["hook_us"], results["server_rps"], results["e2e_events_per_s"]
+    latency = results["delivery_latency_ms"]
+    rows = [
+        ("hook_us ours p50 / p99", f"{hook['ours']['p50']:.1f} / {hook['ours']['p99']:.1f} µs"),
+        ("hook_us segment p50 / p99", f"{hook['segment']['p50']:.1f} / {hook['segment']['p99']:.1f} µs"),
+        ("hook_us apply_async p50 / p99", f"{hook['apply_async']['p50']:.1f} / {hook['apply_async']['p99']:.1f} µs"),
+        ("server_rps disabled", f"{rps['disabled']:.0f} req/s"),
+        ("server_rps enabled", f"{rps['enabled']:.0f} req/s"),
+        ("server_rps broker_down", f"{rps['broker_down']:.0f} req/s"),
+        ("e2e_events_per_s ours", f"{e2e['ours']:.0f} events/s"),
+        ("e2e_events_per_s segment", f"{e2e['segment']:.0f} events/s"),
+        ("delivery_latency_ms p50 / p99", f"{latency['p50']:.0f} / {latency['p99']:.0f} ms"),
+        ("worker_rss_mb", f"{results['worker_rss_mb']:.1f} MB"),
+        ("machine", results["machine"]),
+    ]
+    details = results.get("details", {})
+    cpu = details.get("server_cpu_us_per_request", {})
+    rows += [(f"extra: server CPU per request, {name}", f"{value:.0f} µs") for name, value in cpu.items()]
+    rows += [(f"extra: server_rps {name}", f"{value:.0f} req/s")
+             for name, value in details.get("server_rps_all", {}).items() if name not in rps]
+    rows += [(f"extra: e2e_events_per_s {name}", f"{value:.0f} events/s")
+             for name, value in details.get("e2e_events_per_s_all", {}).items() if name not in e2e]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {name:<{width}} | {value} |" for name, value in rows]
+    lines += ["", f"| {'target':<42} | value | met |", f"|{'-' * 44}|-------|-----|"]
+    lines += [f"| {name:<42} | {check['value']:g} | {'yes' if check['met'] else 'NO'} |"
+              for name, check in results.get("targets", {}).items()]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The benchmark runs end to end in its quick mode and writes every result it promises.
+
+Speed is not judged here (the machine is shared and noisy): only that each measurement
+ran and produced a positive number. `make bench` gives the numbers; docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = {
+    "hook_us": {"ours": ("p50", "p99"), "segment": ("p50", "p99"), "apply_async": ("p50", "p99")},
+    "server_rps": ("disabled", "enabled", "broker_down"),
+    "e2e_events_per_s": ("ours", "segment"),
+    "delivery_latency_ms": ("p50", "p99"),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("segment.analytics", reason="the benchmark needs segment-analytics-python: "
+                                                    "pip install -e '.[bench]'")
+    if shutil.which("redis-server") is None:
+        pytest.skip("the benchmark needs redis-server")
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_quick_run_reports_every_measurement_as_a_positive_number(quick_results: dict) -> None:
+    for measure, layout in EXPECTED.items():
+        if isinstance(layout, dict):
+            for client, keys in layout.items():
+                for key in keys:
+                    assert quick_results[measure][client][key] > 0, (measure, client, key)
+        else:
+            for key in layout:
+                assert quick_results[measure][key] > 0, (measure, key)
+    assert quick_results["worker_rss_mb"] > 0
+
+
+def test_quick_run_names_the_machine(quick_results: dict) -> None:
+    machine = quick_results["machine"]
+    assert "cores" in machine and "Python" in machine and "Redis" in machine
+
+
+def test_quick_run_checks_each_target_without_judging_it(quick_results: dict) -> None:
+    assert len(quick_results["targets"]) == 6
+    assert all(isinstance(check["met"], bool) for check in quick_results["targets"].values())
