@@ -25,7 +25,7 @@ import weakref
 from typing import Any, Callable
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME
-from rubrix_hooks.settings import Settings, broker_transport_options, masked_url
+from rubrix_hooks.settings import Settings, broker_transport_options
 
 log = logging.getLogger("rubrix_hooks.publisher")
 
@@ -58,7 +58,6 @@ class CeleryBatchSender:
             accept_content=["json"],
             task_ignore_result=True,
         )
-        self.description = masked_url(settings.broker_url_or_default)
         # Import the broker's transport now, not at the first publish (no network I/O).
         self._app.connection_for_write().release()
 

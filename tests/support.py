@@ -114,6 +114,17 @@ def child_environment(**overrides: str | None) -> dict[str, str]:
     return env
 
 
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Signals a child and waits for it; kills it if it has not exited after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class WorkerProcess:
     """`celery -A tasks worker` as an operator runs it, in a child process."""
 
@@ -138,13 +149,7 @@ class WorkerProcess:
             raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig, timeout)
         self._log.close()
 
 
@@ -301,13 +306,7 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> float:
         """Signals the server and waits for it to exit; returns the seconds it took."""
         started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig, timeout)
         self._log.close()
         return time.monotonic() - started
 
