@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import task_rejected, task_unknown, worker_ready
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME
 from rubrix_hooks.settings import broker_transport_options, load_settings, masked_url
@@ -50,3 +50,21 @@ def _announce(**_: object) -> None:
     else:
         log.info("telemetry: delivering to %s from broker %s", settings.endpoint,
                  masked_url(settings.broker_url_or_default))
+
+
+# Messages refused before our task runs (not JSON, not a task body, a task we do not have)
+# are logged by Celery; count them with the rest, so that `status` shows them. The unit is
+# a message: what it carried was never read.
+@task_rejected.connect
+def _count_rejected(exc: BaseException | None = None, **_: object) -> None:
+    from tasks import counters
+
+    reason = type(exc).__name__ if exc is not None else "unknown message format"
+    counters.record(settings, dropped={f"rejected message ({reason})": 1})
+
+
+@task_unknown.connect
+def _count_unknown(**_: object) -> None:
+    from tasks import counters
+
+    counters.record(settings, dropped={"rejected message (unregistered task)": 1})

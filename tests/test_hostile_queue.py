@@ -162,6 +162,9 @@ def test_hostile_producer_executes_nothing_forwards_nothing_and_worker_keeps_run
     dropped = {reason: n - counts_before["dropped"].get(reason, 0) for reason, n in counts["dropped"].items()}
     dropped = {reason: n for reason, n in dropped.items() if n}
     assert dropped.get("not a list of events") == 3, dropped
+    # Refused by Celery before the task ran, and counted as messages.
+    assert dropped.get("rejected message (ContentDisallowed)") == 1, dropped  # the pickle
+    assert dropped.get("rejected message (unregistered task)") == 1, dropped
     rejected_events = len(outside_the_contract(huge))
     assert sum(n for reason, n in dropped.items() if reason.startswith("invalid: ")) == rejected_events, dropped
     assert counts["delivered"] - counts_before["delivered"] == len(expected)
