@@ -73,11 +73,14 @@ def _is_default_user(value: object) -> bool:
 def _task_name(value: object) -> str:
     # Rubrix passes its TaskType, a str Enum: compare its value, never str(task).
     value = getattr(value, "value", value)
-    # str.__str__ gives an exact str: a subclass could compare equal to anything and
-    # carry its own text (a dataset name, say) out.
-    if not isinstance(value, str) or str.__str__(value) not in RUBRIX_TASKS:
+    if not isinstance(value, str):
         raise InvalidEvent("task is not a Rubrix task")
-    return str.__str__(value)
+    # An exact str: a subclass could compare equal to anything and carry its own text
+    # (a dataset name, say) out.
+    value = str.__str__(value)
+    if value not in RUBRIX_TASKS:
+        raise InvalidEvent("task is not a Rubrix task")
+    return value
 
 
 def _record_count(value: object) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import socket
 
+from rubrix_hooks.rubrix_patch import RUBRIX_APP_MODULE
 from rubrix_hooks.settings import Settings
 
 EXAMPLE_APP = "rubrix_hooks.example_app:app"
-RUBRIX_APP = "rubrix.server.server:app"
+RUBRIX_APP = f"{RUBRIX_APP_MODULE}:app"
 TELEMETRY_PAGE = "https://rubrix.readthedocs.io/en/stable/reference/telemetry.html"
 
 

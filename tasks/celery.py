@@ -9,6 +9,7 @@ from celery.signals import task_rejected, task_unknown, worker_ready
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME
 from rubrix_hooks.settings import broker_transport_options, load_settings, masked_url
+from tasks import counters
 
 log = logging.getLogger("tasks")
 
@@ -57,14 +58,10 @@ def _announce(**_: object) -> None:
 # a message: what it carried was never read.
 @task_rejected.connect
 def _count_rejected(exc: BaseException | None = None, **_: object) -> None:
-    from tasks import counters
-
     reason = type(exc).__name__ if exc is not None else "unknown message format"
     counters.record(settings, dropped={f"rejected message ({reason})": 1})
 
 
 @task_unknown.connect
 def _count_unknown(**_: object) -> None:
-    from tasks import counters
-
     counters.record(settings, dropped={"rejected message (unregistered task)": 1})

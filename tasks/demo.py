@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rubrix_hooks.server import port_is_free
-from rubrix_hooks.settings import Settings, telemetry_switch
+from rubrix_hooks.settings import Settings
 from tasks.collector import Collector
 
 log = logging.getLogger("rubrix-telemetry.demo")
@@ -101,7 +101,6 @@ def send_requests(base: str) -> list[tuple[str, int]]:
 
 def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool = False,
              port: int = 6900, collector_port: int = 0, timeout: float = 60.0) -> int:
-    enabled, decided_by = telemetry_switch(os.environ)
     use_rubrix = server_kind == "rubrix" or (server_kind == "auto" and _rubrix_available())
     if not port_is_free("127.0.0.1", port):
         raise DemoFailed(f"port {port} on 127.0.0.1 is taken: pass --port")
@@ -135,24 +134,29 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
                 raise DemoFailed(f"the worker exited: see {worker_log.name}")
             return b" ready." in Path(worker_log.name).read_bytes()
 
-        _wait(worker_ready, timeout, "the worker")
         base = f"http://127.0.0.1:{port}"
-        _wait(lambda: server.poll() is None and _server_answers(base) or _server_failed(server), timeout,
-              "the server")
+
+        def server_ready() -> bool:
+            if server.poll() is not None:
+                raise DemoFailed(f"the server exited with code {server.returncode}")
+            return _server_answers(base)
+
+        _wait(worker_ready, timeout, "the worker")
+        _wait(server_ready, timeout, "the server")
         for what, status in send_requests(base):
             log.info("sent %-55s -> HTTP %d", what, status)
 
-        if not enabled:
+        if not settings.enabled:
             time.sleep(3)
-            print(f"\nTelemetry is off ({decided_by}): the collector received {len(collector.accepted_messages())} "
+            print(f"\nTelemetry is off ({settings.decided_by}): the collector received {len(collector.accepted_messages())} "
                   "messages.")
         else:
             # /api/me counted once above in the connectivity check, plus the session's requests.
             _wait(lambda: len(collector.accepted_messages()) >= 6, timeout, "the events at the collector")
             time.sleep(0.5)
-            print("\nThe collector received, exactly as sent:")
-            print(out.read_text(encoding="utf-8"), end="")
             received = out.read_text(encoding="utf-8")
+            print("\nThe collector received, exactly as sent:")
+            print(received, end="")
             leaked = [s for s in [PRIVATE_DATASET, INVALID_DATASET, *PRIVATE_TEXTS, "acme-corp"] if s in received]
             print(f"\n{len(collector.accepted_messages())} events; dataset names, record texts and metadata "
                   f"sent to the server found in them: {leaked or 'none'}")
@@ -165,12 +169,6 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
             except KeyboardInterrupt:
                 pass
     return 0
-
-
-def _server_failed(server: subprocess.Popen[bytes]) -> bool:
-    if server.poll() is not None:
-        raise DemoFailed(f"the server exited with code {server.returncode}")
-    return False
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
