@@ -345,24 +345,34 @@ def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def publish_events(count: int, queue: str, broker_url: str | None = None) -> list[dict[str, Any]]:
-    """`count` valid LogRecordsRequested events put on `queue` by the server's own sender, as
-    the publisher thread would (settings.events_per_task per task message)."""
+    """`count` valid LogRecordsRequested events put on `queue` by the server's own publisher
+    (settings.events_per_task per task message); returns them as a worker reads them back."""
     from dataclasses import replace
 
-    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, build_event
-    from rubrix_hooks.publisher import CeleryBatchSender
+    from rubrix_hooks import message
+    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, timestamp_us
+    from rubrix_hooks.publisher import CeleryBatchSender, Publisher
     from rubrix_hooks.settings import load_settings
 
     settings = load_settings()
-    settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url)
-    events = [build_event(LOG_RECORDS_REQUESTED, {"task": "TextClassification", "records": n}) for n in range(count)]
+    settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,
+                       buffer_size=max(count, settings.buffer_size))
+    sent: list[dict[str, Any]] = []
     sender = CeleryBatchSender(settings)
+
+    def send(kwargs: dict[str, Any]) -> None:
+        sender(kwargs)
+        sent.extend(message.read([], kwargs).events)
+
+    publisher = Publisher(settings, make_sender=lambda: send)
     try:
-        for start in range(0, count, settings.events_per_task):
-            sender(events[start:start + settings.events_per_task])
+        for n in range(count):
+            publisher.submit((LOG_RECORDS_REQUESTED, timestamp_us(), "TextClassification", n))
+        assert publisher.flush(10), "the events did not reach the broker"
     finally:
+        publisher.close(1)
         sender.close()
-    return events
+    return sent
 
 
 class Children:
