@@ -32,6 +32,51 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+# Our runtime dependencies, for the environments the tests build: the project itself comes
+# from PYTHONPATH, so a cached environment does not depend on where this checkout lives.
+RUNTIME_DEPENDENCIES = ["celery[redis]>=5.3,<6", "requests>=2.28"]
+
+
+def cached_venv(name: str, python: str, installs: list[list[str]], fingerprint: str = "") -> Path:
+    """A virtual environment built once with `python` and each `pip install` argument list in
+    turn, then reused (RUBRIX_TELEMETRY_TEST_CACHE, default ~/.cache/rubrix-telemetry-tests).
+    `fingerprint` is whatever else should rebuild it when it changes (a requirements file's
+    content). Returns its python."""
+    import hashlib
+    import json
+
+    version = subprocess.run([python, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256((version + json.dumps(installs) + fingerprint).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("RUBRIX_TELEMETRY_TEST_CACHE", Path.home() / ".cache" / "rubrix-telemetry-tests"))
+    venv = cache / f"{name}-{key}"
+    venv_python = venv / "bin" / "python"
+    if not (venv / "complete").exists():
+        pip = [str(venv_python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for step in [[python, "-m", "venv", "--clear", str(venv)], *(pip + args for args in installs)]:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"{' '.join(step)} failed:\n{done.stderr[-3000:]}"
+        (venv / "complete").touch()
+    return venv_python
+
+
+def pyenv_pythons() -> dict[tuple[int, int], str]:
+    """pyenv's CPython interpreters on this machine, by (major, minor): the newest patch of each."""
+    try:
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    found: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+    for folder in Path(root, "versions").glob("3.*"):
+        parts = folder.name.split(".")
+        python = folder / "bin" / "python3"
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and python.exists():
+            number = tuple(int(p) for p in parts)
+            if number[:2] not in found or found[number[:2]][0] < number:
+                found[number[:2]] = (number, str(python))
+    return {minor: python for minor, (_, python) in found.items()}
+
+
 class RedisServer:
     """A redis-server of the test session's own, on a free port, that tests may stop and restart."""
 

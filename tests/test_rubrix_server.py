@@ -7,9 +7,7 @@ builds a separate virtual environment once and caches it (RUBRIX_TELEMETRY_TEST_
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -19,12 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.es_standin import ElasticsearchStandIn
-from tests.support import REPO_ROOT, child_environment, free_port, wait_until
+from tests.support import RUNTIME_DEPENDENCIES, REPO_ROOT, cached_venv, child_environment, free_port, wait_until
 
 REQUIREMENTS = REPO_ROOT / "requirements" / "rubrix-0.18-server.txt"
-# Our own runtime dependencies; the project itself comes from PYTHONPATH, so the cached
-# environment does not depend on where this checkout lives.
-OUR_DEPENDENCIES = ["celery[redis]>=5.3,<6", "requests>=2.28"]
 CANARY = "canary-9d41"
 
 pytestmark = pytest.mark.slow
@@ -32,24 +27,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def rubrix_python() -> Path:
-    key = hashlib.sha256(REQUIREMENTS.read_bytes() + json.dumps(OUR_DEPENDENCIES).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("RUBRIX_TELEMETRY_TEST_CACHE", Path.home() / ".cache" / "rubrix-telemetry-tests"))
-    venv = cache / f"rubrix-0.18-{key}"
-    python = venv / "bin" / "python"
-    if not (venv / "complete").exists():
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        steps = [
-            [sys.executable, "-m", "venv", "--clear", str(venv)],
-            # Rubrix's declared pins do not build on Python 3.11: install it without them.
-            pip + ["--no-deps", "rubrix==0.18.0"],
-            pip + ["-r", str(REQUIREMENTS)],
-            pip + OUR_DEPENDENCIES,
-        ]
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
-            assert done.returncode == 0, f"{' '.join(step)} failed:\n{done.stderr[-3000:]}"
-        (venv / "complete").touch()
-    return python
+    # Rubrix's declared pins do not build on Python 3.11: install it without them, then the
+    # server's real requirements. The requirements file's content is part of the cache key.
+    return cached_venv("rubrix-0.18", sys.executable, [
+        ["--no-deps", "rubrix==0.18.0"],
+        ["-r", str(REQUIREMENTS)],
+        RUNTIME_DEPENDENCIES,
+    ], fingerprint=REQUIREMENTS.read_text())
 
 
 def call(url: str, method: str = "GET", body: object = None, key: str | None = "rubrix.apikey") -> int:
@@ -117,6 +101,8 @@ def test_real_rubrix_reports_through_our_hooks_and_leaks_nothing(rubrix_server, 
         ("UserInfoRequested", json.dumps({"is_default_user": True, **user}, sort_keys=True)),
         ("UserInfoRequested", json.dumps({"is_default_user": True, **user}, sort_keys=True)),
     ])
+    # The server's platform data: Rubrix 0.18 is installed where the server runs, not here.
+    assert {m["context"]["version"] for m in messages} == {"0.18.0"}
     everything_sent = json.dumps([r.body for r in pipeline.requests])
     assert CANARY not in everything_sent and "patient record" not in everything_sent
     # Rubrix's own notice, with how to switch telemetry off.
