@@ -100,13 +100,20 @@ def _clean_header(value: object) -> str | None:
     return value[:MAX_HEADER_LENGTH] or None
 
 
+# The rules below run for every event in the server's publisher thread: each starts with
+# the common case (an exact str or int) so that a valid event costs a few type checks.
+
 def _is_default_user(value: object) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, bool):
         raise InvalidEvent("is_default_user is not a bool")
     return value
 
 
 def _task_name(value: object) -> str:
+    if type(value) is str and value in RUBRIX_TASKS:
+        return value
     # Rubrix passes its TaskType, a str Enum: compare its value, never str(task).
     value = getattr(value, "value", value)
     if not isinstance(value, str):
@@ -120,17 +127,28 @@ def _task_name(value: object) -> str:
 
 
 def _record_count(value: object) -> int:
+    if type(value) is int and 0 <= value <= MAX_RECORDS:
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RECORDS:
         raise InvalidEvent("records is not a non-negative integer")
     return value
 
 
+# Valid error codes seen so far: a server raises the same few over and over.
+_KNOWN_CODES: set[str] = set()
+
+
 def _error_code(value: object) -> str:
+    if type(value) is str and value in _KNOWN_CODES:
+        return value
     if not isinstance(value, str):
         raise InvalidEvent("code is not an error code")
     value = str.__str__(value)  # an exact str, whatever the subclass overrides
     if len(value) > MAX_CODE_LENGTH or not ERROR_CODE_PATTERN.fullmatch(value):
         raise InvalidEvent("code is not an error code")
+    if len(_KNOWN_CODES) >= _HEADER_CACHE_SIZE:
+        _KNOWN_CODES.clear()
+    _KNOWN_CODES.add(value)
     return value
 
 
@@ -169,6 +187,48 @@ def _checked_properties(event: str, properties: Mapping[str, object]) -> dict[st
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {event: tuple(rules) for event, rules in EVENT_PROPERTIES.items()}
 _EVENT_RULES: dict[str, tuple[PropertyRule, ...]] = {
     event: tuple(rules.values()) for event, rules in EVENT_PROPERTIES.items()}
+
+
+def _wire_encoder(event: str, rules: tuple[PropertyRule, ...]) -> Callable[[tuple[Any, ...], int], list[Any]]:
+    """`(event, timestamp_us, *values), sequence` -> `[event, timestamp_us, sequence, *checked values]`.
+
+    Written out per number of properties: on the server's hot path a loop over the rules
+    costs several times the checks themselves.
+    """
+    if len(rules) == 2:
+        first, second = rules
+
+        def encode_two(raw: tuple[Any, ...], sequence: int) -> list[Any]:
+            if len(raw) != 4:
+                raise InvalidEvent("properties outside the contract")
+            return [event, raw[1], sequence, first(raw[2]), second(raw[3])]
+
+        return encode_two
+    if len(rules) == 3:
+        first, second, third = rules
+
+        def encode_three(raw: tuple[Any, ...], sequence: int) -> list[Any]:
+            if len(raw) != 5:
+                raise InvalidEvent("properties outside the contract")
+            return [event, raw[1], sequence, first(raw[2]), second(raw[3]), third(raw[4])]
+
+        return encode_three
+    raise AssertionError(f"no wire encoder for {len(rules)} properties")
+
+
+_WIRE_ENCODERS = {event: _wire_encoder(event, rules) for event, rules in _EVENT_RULES.items()}
+
+
+def checked_wire_event(raw: tuple[Any, ...], sequence: int) -> list[Any]:
+    """A hook's raw event checked against the contract, as a format-2 message carries it.
+
+    `raw` is `(event, timestamp_us, *property values in EVENT_FIELDS order)`, as the hooks
+    buffer it; raises InvalidEvent when any part is outside the contract.
+    """
+    encoder = _WIRE_ENCODERS.get(raw[0]) if type(raw[0]) is str else None
+    if encoder is None:
+        raise InvalidEvent("unknown event")
+    return encoder(raw, sequence)
 
 
 def checked_values(event: object, values: tuple[object, ...] | list[object]) -> list[Any]:

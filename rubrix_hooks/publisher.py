@@ -31,7 +31,7 @@ from rubrix_hooks.contract import (
     DELIVER_TASK_NAME,
     MAX_SEQUENCE,
     InvalidEvent,
-    checked_values,
+    checked_wire_event,
     new_message_id_prefix,
 )
 from rubrix_hooks.platform_info import platform_info
@@ -105,6 +105,7 @@ class Publisher:
         self._id_prefix = new_message_id_prefix()
         self._sequence = 0
         self._wake = threading.Event()
+        self._flush_requested = False
         self._idle = threading.Condition()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -121,13 +122,14 @@ class Publisher:
 
     def submit(self, event: RawEvent) -> bool:
         """Buffers an event; False (and counted) when the buffer is full. Never blocks."""
-        if len(self._buffer) >= self._capacity:
-            self.count_drop("buffer_full")
-            return False
-        self._buffer.append(event)
-        if self._thread is None:
-            self._start()
-        return True
+        buffer = self._buffer
+        if len(buffer) < self._capacity:
+            buffer.append(event)
+            if self._thread is None:
+                self._start()
+            return True
+        self.count_drop("buffer_full")
+        return False
 
     # -- control --------------------------------------------------------------------
     def pending(self) -> int:
@@ -138,8 +140,9 @@ class Publisher:
         deadline = time.monotonic() + timeout
         if self.pending() and self._thread is None:
             self._start()
-        # One wake-up: the thread publishes at once, and keeps its own pause between
-        # attempts if the broker is down (a flush must not hammer a dead broker).
+        # One wake-up: the thread publishes everything at once, and keeps its own pause
+        # between attempts if the broker is down (a flush must not hammer a dead broker).
+        self._flush_requested = True
         self._wake.set()
         with self._idle:
             while self.pending():
@@ -178,8 +181,9 @@ class Publisher:
         while True:
             self._wake.wait(self._pause())
             self._wake.clear()
+            drain, self._flush_requested = self._flush_requested, False
             try:
-                self._publish_all()
+                self._publish_all(drain)
             except Exception:  # never let the thread die: the server would silently stop reporting
                 log.exception("telemetry: unexpected error in the publisher")
             with self._idle:
@@ -203,24 +207,22 @@ class Publisher:
         sequence = self._sequence
         for raw in raw_events:
             try:
-                values = checked_values(raw[0], raw[2:])
+                events.append(checked_wire_event(raw, sequence))
             except InvalidEvent as error:
                 self.count_drop(error.reason)
                 continue
             except Exception:  # a rule met a value we never imagined: drop it, never the thread
                 self.count_drop("hook_error")
                 continue
-            events.append([raw[0], raw[1], sequence, *values])
             sequence += 1
         self._sequence = sequence
         return events
 
-    def _take_batch(self) -> bool:
-        """Moves up to `events_per_task` events from the buffer into `_in_hand`; False when none."""
-        while self._in_hand is None:
-            take = min(self._settings.events_per_task, len(self._buffer))
-            if not take:
-                return False
+    def _take_batch(self) -> int:
+        """Moves up to `events_per_task` events from the buffer into `_in_hand` (when any is
+        valid); returns how many it took off the buffer."""
+        take = min(self._settings.events_per_task, len(self._buffer))
+        if take:
             # Counted as pending from here on, so that a flush never sees them nowhere.
             self._in_hand_count = take
             popleft = self._buffer.popleft
@@ -228,11 +230,28 @@ class Publisher:
             self._in_hand_count = len(events)
             if events:
                 self._in_hand = message.encode(platform_info(), self._id_prefix, events)
-        return True
+        return take
 
-    def _publish_all(self) -> None:
-        while self._take_batch():
-            assert self._in_hand is not None
+    def _publish_all(self, drain: bool = False) -> None:
+        """Publishes what was waiting when the thread woke up, and any full task message that
+        has built up since; with `drain` (a flush), everything.
+
+        Events that arrive during a publish wait for the next wake-up: otherwise a busy server
+        keeps this loop sending a stream of tiny task messages, each costing about a
+        millisecond of CPU whatever it carries.
+        """
+        backlog = len(self._buffer)
+        full_task = self._settings.events_per_task
+        while True:
+            if self._in_hand is None:
+                if not (drain or backlog > 0 or len(self._buffer) >= full_task):
+                    return
+                taken = self._take_batch()
+                backlog -= taken
+                if self._in_hand is None:  # nothing left, or nothing valid in what was taken
+                    if not taken:
+                        return
+                    continue
             try:
                 with _fork_guard:
                     self._ensure_sender()(self._in_hand)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from time import time_ns
 from typing import Any, Callable, Protocol
 
 from rubrix_hooks.contract import (
@@ -55,41 +56,75 @@ def _request_headers(request: object) -> tuple[object, object]:
     return raw_text(get("user-agent")), raw_text(get("accept-language"))
 
 
+def _with_room() -> Publisher | None:
+    """This process's publisher when its buffer has room; otherwise None, the drop counted.
+
+    Checked before an event is built: during a broker outage the buffer stays full, and
+    requests should then pay nothing for telemetry (not even reading headers).
+    """
+    buffer = _publisher or publisher()
+    if buffer.has_room():
+        return buffer
+    buffer.count_drop("buffer_full")
+    return None
+
+
+def _hook_failed(event: str, error: Exception) -> None:
+    # Only our own reason is counted: the error's text may carry user data.
+    publisher().count_drop("hook_error")
+    log.debug("telemetry: event %s not recorded: %s", event, type(error).__name__)
+
+
 def record(event: str, values: Callable[[], tuple[object, ...]]) -> bool:
     """Buffers one event; False when it was not recorded (off, buffer full or a hook error).
 
     `values` (the event's property values in contract order) is called here, inside the
     guard, because reading a request's headers or an error's code runs code we do not
-    control; and only when there is room, so that a full buffer costs requests nothing.
+    control, and only when there is room.
     """
     if not settings.enabled:
         return False
     try:
-        buffer = publisher()
-        if not buffer.has_room():
-            buffer.count_drop("buffer_full")
-            return False
-        return buffer.submit((event, timestamp_us(), *values()))
+        buffer = _with_room()
+        return buffer is not None and buffer.submit((event, timestamp_us(), *values()))
     except Exception as error:  # a hook must never fail the request it observes
-        # Only our own reason is counted: any other error's text may carry user data.
-        publisher().count_drop("hook_error")
-        log.debug("telemetry: event %s not recorded: %s", event, type(error).__name__)
+        _hook_failed(event, error)
         return False
 
 
+# The three hooks are `record` written out: they run on every request, and a closure or
+# a helper call per request would cost them a good part of their time. `time_ns() // 1000`
+# is `contract.timestamp_us()`, inlined for the same reason.
+
 async def track_login(request: HasHeaders, username: str) -> None:
     if settings.enabled:
-        record(USER_INFO_REQUESTED, lambda: (username == DEFAULT_USERNAME, *_request_headers(request)))
+        try:
+            buffer = _with_room()
+            if buffer is not None:
+                buffer.submit((USER_INFO_REQUESTED, time_ns() // 1000, username == DEFAULT_USERNAME,
+                               *_request_headers(request)))
+        except Exception as error:  # a hook must never fail the request it observes
+            _hook_failed(USER_INFO_REQUESTED, error)
 
 
 async def track_bulk(task: object, records: int) -> None:
     if settings.enabled:
-        record(LOG_RECORDS_REQUESTED, lambda: (task, records))
+        try:
+            # Nothing to read here: the event is built before the room check, which submit makes.
+            (_publisher or publisher()).submit((LOG_RECORDS_REQUESTED, time_ns() // 1000, task, records))
+        except Exception as error:
+            _hook_failed(LOG_RECORDS_REQUESTED, error)
 
 
 async def track_error(error: object, request: HasHeaders) -> None:
     if settings.enabled:
-        record(SERVER_ERROR_FOUND, lambda: (raw_text(getattr(error, "code", None)), *_request_headers(request)))
+        try:
+            buffer = _with_room()
+            if buffer is not None:
+                buffer.submit((SERVER_ERROR_FOUND, time_ns() // 1000, raw_text(getattr(error, "code", None)),
+                               *_request_headers(request)))
+        except Exception as failure:
+            _hook_failed(SERVER_ERROR_FOUND, failure)
 
 
 def flush(timeout: float = 5.0) -> bool:
