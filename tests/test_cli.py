@@ -11,10 +11,10 @@ import urllib.request
 import pytest
 
 from rubrix_hooks.contract import validate_event
-from tasks.cli import build_parser
+from telemetry_ops.cli import build_parser
 from tests.support import REPO_ROOT, child_environment, free_port, wait_until
 
-COMMAND = [sys.executable, "-m", "tasks.cli"]
+COMMAND = [sys.executable, "-m", "telemetry_ops.cli"]
 
 
 def run(*args: str, timeout: float = 120, **env: str | None) -> subprocess.CompletedProcess[str]:

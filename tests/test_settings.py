@@ -52,7 +52,7 @@ def test_backoff_must_stay_below_the_visibility_timeout():
 @pytest.mark.parametrize("command", [
     [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "telemetry"],
     [sys.executable, "-c", "import rubrix_hooks.telemetry"],
-    [sys.executable, "-m", "tasks.cli", "preview"],
+    [sys.executable, "-m", "telemetry_ops.cli", "preview"],
 ])
 def test_bad_value_stops_start_up_with_a_clear_error(command):
     env = child_environment(RUBRIX_TELEMETRY_BUFFER_SIZE="lots")

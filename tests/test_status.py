@@ -35,7 +35,7 @@ class Run:
 
 def status(*args: str, **env: str | None) -> Run:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "tasks.cli", "status", *args], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "telemetry_ops.cli", "status", *args], cwd=REPO_ROOT,
                           env=child_environment(**env), capture_output=True, text=True, timeout=30)
     return Run(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
 

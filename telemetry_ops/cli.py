@@ -32,7 +32,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_collector(args: argparse.Namespace) -> int:
-    from tasks.collector import Collector
+    from telemetry_ops.collector import Collector
 
     try:
         collector = Collector(host=args.host, port=args.port, out=args.out)
@@ -51,7 +51,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from tasks.preview import preview
+    from telemetry_ops.preview import preview
 
     settings = load_settings()
     print(json.dumps(preview(settings), indent=2, ensure_ascii=False))
@@ -73,7 +73,14 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.demo import DemoFailed, run_demo
+    try:
+        from telemetry_ops.demo import DemoFailed, run_demo
+    except ModuleNotFoundError as error:
+        if error.name != "telemetry_ops.demo":
+            raise
+        # The Docker images leave the demo out: it starts a whole stack of its own.
+        raise CommandFailed("the demo is not installed here (the Docker images leave it out): run it from a "
+                            "checkout with `pip install -e \".[server]\" && rubrix-telemetry demo`") from None
 
     try:
         return run_demo(load_settings(), server_kind=args.server, keep_running=args.keep_running, port=args.port,
@@ -83,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.status import run_status
+    from telemetry_ops.status import run_status
 
     return run_status(json_output=args.json)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from rubrix_hooks.server import port_is_free
 from rubrix_hooks.settings import Settings
-from tasks.collector import Collector
+from telemetry_ops.collector import Collector
 
 log = logging.getLogger("rubrix-telemetry.demo")
 
@@ -124,7 +124,7 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
             env=env, stdout=worker_log, stderr=subprocess.STDOUT)
         stack.callback(_stop, worker)
         server_args = ["server", "--port", str(port)] + ([] if use_rubrix else ["--example"])
-        server = subprocess.Popen([sys.executable, "-m", "tasks.cli", *server_args], env=env)
+        server = subprocess.Popen([sys.executable, "-m", "telemetry_ops.cli", *server_args], env=env)
         stack.callback(_stop, server)
         log.info("worker on the embedded queue in %s; %s server on http://127.0.0.1:%d",
                  workdir / "data", "Rubrix" if use_rubrix else "example", port)
