@@ -102,7 +102,7 @@ def child_environment(**overrides: str | None) -> dict[str, str]:
     """The test environment for a child process, with overrides (None removes a variable).
 
     The tests folder is kept off the children's PYTHONPATH: `celery` imports its plugins
-    by name, and a test helper named like one would be run by every child (DESIGN.md).
+    by name, and a test helper named like one would be run by every child.
     """
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
