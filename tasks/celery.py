@@ -1,4 +1,4 @@
-"""The Celery app of the telemetry workers: `celery -A tasks worker -Q telemetry`."""
+"""The Celery app of the telemetry workers: `celery -A tasks worker -Q telemetry -E -l INFO`."""
 
 from __future__ import annotations
 
