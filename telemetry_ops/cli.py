@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[verbose], **kwargs)
 
+    def listen_options(sub: argparse.ArgumentParser, default_port: int) -> None:
+        sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+        sub.add_argument("--port", type=port_number, default=default_port,
+                         help="port to listen on (default: %(default)s)")
+
     demo = command(
         "demo", help="run the whole pipeline locally and print what leaves the server",
         description="Starts a local collector, a Celery worker on the embedded on-disk queue and a server with "
@@ -179,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "server", help="run the Rubrix server with the telemetry hooks installed",
         description="Runs the real Rubrix app (rubrix.server.server:app) under uvicorn with rubrix_hooks "
                     "installed by patch_rubrix(), or with --example the example app with Rubrix's endpoints.")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=port_number, default=DEFAULT_SERVER_PORT,
-                        help="port (default: %(default)s)")
+    listen_options(server, DEFAULT_SERVER_PORT)
     server.add_argument("--example", action="store_true",
                         help="serve the example app instead of Rubrix (no Rubrix or Elasticsearch needed)")
     server.set_defaults(run=cmd_server)
@@ -191,9 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local Segment-compatible backend (POST /v1/batch and /v1/track) that logs a line "
                     "per batch and appends every message to a JSONL file. Point "
                     "RUBRIX_TELEMETRY_ENDPOINT at it to audit what leaves your server.")
-    collector.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    collector.add_argument("--port", type=port_number, default=DEFAULT_COLLECTOR_PORT,
-                           help="port to listen on (default: %(default)s)")
+    listen_options(collector, DEFAULT_COLLECTOR_PORT)
     collector.add_argument("--out", type=Path,
                            help="JSONL file to append every received message to (checked at start)")
     collector.set_defaults(run=cmd_collector)
