@@ -387,7 +387,9 @@ class Children:
 
     def server(self, argv: list[str], port: int, env: dict[str, str]) -> ServerProcess:
         app_folder = write_wrapped_app(self.folder / "app")
-        env = {**env, "PYTHONPATH": str(app_folder)}
+        # The checkout too, as for every other child (they run in it): else this one would
+        # import the project from wherever it is installed.
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(app_folder), str(REPO_ROOT)])}
         server = ServerProcess(argv, env, self.folder / f"server-{len(self.started)}.log", port, cwd=app_folder)
         self.started.append(server)
         server.wait_ready()
