@@ -19,7 +19,7 @@ from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import installation_id
-from tasks.segment import DeliveryOutcome, Message, deliver_messages
+from tasks.segment import DeliveryOutcome, Message, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
 
@@ -64,16 +64,7 @@ def retry_countdown(retries: int, retry_after: float | None, settings: Settings)
 
 
 def to_message(event: dict[str, Any], platform: dict[str, str]) -> Message:
-    """An event in Segment's wire shape, its `context` the platform data of the server that sent it."""
-    return {
-        "type": "track",
-        "event": event["event"],
-        "anonymousId": installation_id(settings.data_dir),
-        "messageId": event["messageId"],
-        "timestamp": event["timestamp"],
-        "properties": event["properties"],
-        "context": platform,
-    }
+    return segment_message(event, platform, installation_id(settings.data_dir))
 
 
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:

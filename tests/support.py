@@ -147,7 +147,7 @@ def child_environment(**overrides: str | None) -> dict[str, str]:
     """The test environment for a child process, with overrides (None removes a variable).
 
     The tests folder is kept off the children's PYTHONPATH: `celery` imports its plugins
-    by name, and a test helper named like one would be run by every child (DESIGN.md).
+    by name, and a test helper named like one would be run by every child.
     """
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -442,7 +442,9 @@ class Children:
 
     def server(self, argv: list[str], port: int, env: dict[str, str]) -> ServerProcess:
         app_folder = write_wrapped_app(self.folder / "app")
-        env = {**env, "PYTHONPATH": str(app_folder)}
+        # The checkout too, as for every other child (they run in it): else this one would
+        # import the project from wherever it is installed.
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(app_folder), str(REPO_ROOT)])}
         server = ServerProcess(argv, env, self.folder / f"server-{len(self.started)}.log", port, cwd=app_folder)
         self.started.append(server)
         server.wait_ready()

@@ -55,7 +55,7 @@ def rubrix_server(rubrix_python, pipeline, tmp_path):
     port = free_port()
     env = child_environment(RUBRIX_ELASTICSEARCH=elasticsearch.url, PYTHONPATH=str(REPO_ROOT))
     log = (tmp_path / "rubrix.log").open("wb")
-    server = subprocess.Popen([str(rubrix_python), "-m", "tasks.cli", "server", "--port", str(port)],
+    server = subprocess.Popen([str(rubrix_python), "-m", "telemetry_ops.cli", "server", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
