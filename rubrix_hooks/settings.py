@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 OFF_VALUES = frozenset({"0", "false", "no", "off"})
 SEGMENT_ENDPOINT = "https://api.segment.io"
+# The URL scheme of the embedded on-disk queue (rubrix_hooks/embedded_queue.py).
+EMBEDDED_SCHEME = "embedded"
 
 
 class ConfigurationError(ValueError):
@@ -51,7 +53,7 @@ class Settings:
 
     @property
     def broker_url_or_default(self) -> str:
-        return self.broker_url or "filesystem://localhost//"
+        return self.broker_url or f"{EMBEDDED_SCHEME}://localhost//"
 
     @property
     def is_segment(self) -> bool:
@@ -169,13 +171,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """kombu transport options shared by the server's publisher and the workers."""
     if settings.uses_embedded_broker:
+        # Both sides build their broker connection right after this call: kombu must know the
+        # embedded scheme by then (imported only now: a server without events never loads kombu).
+        from rubrix_hooks import embedded_queue
+
+        embedded_queue.register()
         folders = embedded_broker_folders(settings)
         return {
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
             "control_folder": str(folders["control"]),
-            "processed_folder": str(folders["processed"]),
-            "store_processed": False,
+            "unacked_folder": str(folders["unacked"]),
         }
     return {
         "visibility_timeout": settings.visibility_timeout,
@@ -192,7 +198,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 def embedded_broker_folders(settings: Settings) -> dict[str, Path]:
     root = settings.data_dir / "broker"
-    folders = {name: root / name for name in ("queue", "control", "processed")}
+    folders = {name: root / name for name in ("queue", "control", "unacked")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     return folders

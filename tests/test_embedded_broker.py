@@ -16,7 +16,7 @@ def test_embedded_default_broker_carries_events_between_processes(tmp_path):
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
         worker.wait_ready()
-        assert "filesystem://" in worker.log()
+        assert "embedded://" in worker.log()
         report, _ = run_hook_client(env, count=12)
         assert report["flushed"] and report["stats"]["published"] == 12
         assert sink.wait_for(lambda s: len(s.accepted_messages()) >= 12, timeout=30), worker.log()

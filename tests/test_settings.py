@@ -14,7 +14,7 @@ from tests.support import REPO_ROOT, child_environment
 def test_defaults_use_the_embedded_broker_and_segment():
     settings = load_settings({})
     assert settings.enabled and settings.decided_by == "default"
-    assert settings.uses_embedded_broker and settings.broker_url_or_default.startswith("filesystem://")
+    assert settings.uses_embedded_broker and settings.broker_url_or_default.startswith("embedded://")
     assert settings.endpoint == "https://api.segment.io" and settings.is_segment
     assert settings.queue == "telemetry" and settings.write_key is None
 

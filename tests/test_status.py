@@ -141,7 +141,7 @@ def test_embedded_broker_queue_depth_and_counts_shared_by_worker_and_status(back
     assert report["flushed"]
     waiting = status("--json", **embedded)
     assert waiting.code == 0, waiting.stderr
-    assert waiting.document["broker"]["url"].startswith("filesystem://")
+    assert waiting.document["broker"]["url"].startswith("embedded://")
     assert waiting.document["queue"]["depth"] == 2
 
     with running_worker(env, tmp_path / "worker.log") as worker:
