@@ -344,9 +344,11 @@ def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return {message["messageId"]: message for message in messages}
 
 
-def publish_events(count: int, queue: str, broker_url: str | None = None) -> list[dict[str, Any]]:
+def publish_events(count: int, queue: str, broker_url: str | None = None, embedded_data_dir: Path | None = None,
+                   events_per_task: int | None = None) -> list[dict[str, Any]]:
     """`count` valid LogRecordsRequested events put on `queue` by the server's own sender, as
-    the publisher thread would (settings.events_per_task per task message)."""
+    the publisher thread would (settings.events_per_task per task message); on the embedded
+    queue in `embedded_data_dir` when given."""
     from dataclasses import replace
 
     from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, build_event
@@ -354,7 +356,10 @@ def publish_events(count: int, queue: str, broker_url: str | None = None) -> lis
     from rubrix_hooks.settings import load_settings
 
     settings = load_settings()
-    settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url)
+    settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,
+                       events_per_task=events_per_task or settings.events_per_task)
+    if embedded_data_dir is not None:
+        settings = replace(settings, broker_url=None, data_dir=embedded_data_dir)
     events = [build_event(LOG_RECORDS_REQUESTED, {"task": "TextClassification", "records": n}) for n in range(count)]
     sender = CeleryBatchSender(settings)
     try:
@@ -373,13 +378,18 @@ class Children:
         self.started: list[WorkerProcess | ServerProcess] = []
 
     def worker(self, queue: str, endpoint: str, broker_url: str | None = None, ready: bool = True,
-               **settings: str) -> WorkerProcess:
-        """`celery -A tasks worker -Q queue` delivering to `endpoint`; settings: BACKOFF_MAX="2", ..."""
+               embedded_data_dir: Path | None = None, extra_args: Iterable[str] = (),
+               env: dict[str, str] | None = None, **settings: str) -> WorkerProcess:
+        """`celery -A tasks worker -Q queue` delivering to `endpoint`; settings: BACKOFF_MAX="2", ...;
+        on the embedded queue in `embedded_data_dir` when given; `env`: other variables."""
+        broker: dict[str, str | None] = {"RUBRIX_TELEMETRY_BROKER_URL": broker_url} if broker_url else {}
+        if embedded_data_dir is not None:
+            broker = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(embedded_data_dir)}
         env = child_environment(
-            RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=endpoint,
-            **({"RUBRIX_TELEMETRY_BROKER_URL": broker_url} if broker_url else {}),
+            RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=endpoint, **broker, **(env or {}),
             **{f"RUBRIX_TELEMETRY_{name.upper()}": value for name, value in settings.items()})
-        worker = WorkerProcess(env, self.folder / f"worker-{len(self.started)}.log", queue=queue)
+        worker = WorkerProcess(env, self.folder / f"worker-{len(self.started)}.log", queue=queue,
+                               extra_args=extra_args)
         self.started.append(worker)
         if ready:
             worker.wait_ready()
