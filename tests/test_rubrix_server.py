@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -30,6 +31,20 @@ CANARY = "canary-9d41"
 pytestmark = pytest.mark.slow
 
 
+def rubrix_base_python() -> str:
+    """The CPython 3.11 to build Rubrix's environment with, whichever Python runs the tests.
+
+    The requirements file is pinned for 3.11 (scipy 1.17 has no build for 3.10; numpy 1.26 and
+    pandas 1.5 none for 3.13): under nox, which runs the suite on the oldest and the newest
+    supported Python, the server still runs on 3.11 (noxfile.py puts pyenv's interpreters on PATH).
+    """
+    if sys.version_info[:2] == (3, 11):
+        return sys.executable
+    found = os.environ.get("RUBRIX_TELEMETRY_RUBRIX_PYTHON") or shutil.which("python3.11")
+    assert found, "Rubrix 0.18's environment needs python3.11 on PATH (or RUBRIX_TELEMETRY_RUBRIX_PYTHON)"
+    return found
+
+
 @pytest.fixture(scope="session")
 def rubrix_python() -> Path:
     key = hashlib.sha256(REQUIREMENTS.read_bytes() + json.dumps(OUR_DEPENDENCIES).encode()).hexdigest()[:12]
@@ -39,7 +54,7 @@ def rubrix_python() -> Path:
     if not (venv / "complete").exists():
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         steps = [
-            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            [rubrix_base_python(), "-m", "venv", "--clear", str(venv)],
             # Rubrix's declared pins do not build on Python 3.11: install it without them.
             pip + ["--no-deps", "rubrix==0.18.0"],
             pip + ["-r", str(REQUIREMENTS)],
