@@ -219,12 +219,12 @@ class Channel(filesystem.Channel):
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         super().basic_ack(delivery_tag, multiple)
         self._discard(delivery_tag)
-        self.connection.message_settled()
+        self._wake_consumer()
 
     def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
         super().basic_reject(delivery_tag, requeue)  # a requeue goes through _restore below
         self._discard(delivery_tag)
-        self.connection.message_settled()
+        self._wake_consumer()
 
     def _restore(self, message: Any) -> None:
         """Back into the queue under its own name (kombu would write a copy and lose track of ours)."""
@@ -235,6 +235,11 @@ class Channel(filesystem.Channel):
             os.rename(taken, os.path.join(self.data_folder_in, taken.name))
         except FileNotFoundError:
             pass
+
+    def _wake_consumer(self) -> None:
+        transport = self.connection  # None once the channel is closed (a late ack after a reconnect)
+        if transport is not None:
+            transport.message_settled()
 
     def _discard(self, delivery_tag: str) -> None:
         taken = self._taken.pop(delivery_tag, None)
