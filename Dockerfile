@@ -1,6 +1,9 @@
 # One image for the telemetry stack (see docker-compose.yml), in two targets:
-#   worker: the Celery workers, Flower, `rubrix-telemetry status` and the audit collector;
+#   worker: the Celery workers (tasks/), Flower, and the operator's commands an operator runs
+#           inside the stack (telemetry_ops/: `rubrix-telemetry status` and the audit collector);
 #   rubrix: the same plus the real Rubrix 0.18 server (`rubrix-telemetry server`).
+# The demo (telemetry_ops/demo.py) starts its own worker, server and collector on one machine:
+# it is for a checkout, not for a container, and .dockerignore leaves it out of both images.
 # Build one with `docker build --target worker .` (the default is the last target, rubrix).
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -15,6 +18,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY rubrix_hooks ./rubrix_hooks
 COPY tasks ./tasks
+COPY telemetry_ops ./telemetry_ops
 RUN pip install ".[flower]"
 # Celery warns, for good reason, when run as root: run as a plain user. A named volume
 # mounted on an existing folder starts with its ownership (/audit: the audit collector's).

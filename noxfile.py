@@ -7,8 +7,7 @@ runs any pyenv interpreter, for example to check a Python outside the supported 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import nox
@@ -21,35 +20,17 @@ nox.options.sessions = ["tests"]
 nox.options.error_on_missing_interpreters = True  # a Python we cannot find is a failure, not a skip
 
 
-def _pyenv_root() -> Path | None:
-    if os.environ.get("PYENV_ROOT"):
-        return Path(os.environ["PYENV_ROOT"])
-    if shutil.which("pyenv"):
-        done = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=False)
-        if done.returncode == 0 and done.stdout.strip():
-            return Path(done.stdout.strip())
-    return None
-
-
 def _put_pyenv_interpreters_on_path() -> None:
-    """Puts every pyenv CPython's bin folder on PATH, newest patch release first.
+    """Puts each pyenv CPython's bin folder first on PATH (the newest patch of each minor).
 
     pyenv's shims answer `python3.10` only for the version pyenv has selected; nox looks
     interpreters up by that name, so it needs the versions' own folders.
     """
-    root = _pyenv_root()
-    if root is None or not (root / "versions").is_dir():
-        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tests.support import pyenv_pythons  # standard library only: no project install needed
 
-    def release(folder: Path) -> tuple[int, ...]:
-        try:
-            return tuple(int(part) for part in folder.name.split("."))
-        except ValueError:
-            return ()
-
-    folders = sorted((f for f in (root / "versions").iterdir() if release(f) and (f / "bin").is_dir()),
-                     key=release, reverse=True)
-    os.environ["PATH"] = os.pathsep.join([*(str(f / "bin") for f in folders), os.environ.get("PATH", "")])
+    folders = [str(Path(python).parent) for _, python in sorted(pyenv_pythons().items(), reverse=True)]
+    os.environ["PATH"] = os.pathsep.join([*folders, os.environ.get("PATH", "")])
 
 
 _put_pyenv_interpreters_on_path()

@@ -19,12 +19,15 @@ from bench.sink import Sink
 from bench.payload import WRITE_KEY
 from bench.pipeline import measure_latency, measure_throughput, run_producer
 from bench.report import check_targets, format_table
+from bench.server_cpu import measure as measure_server_cpu
 from bench.server_load import SEGMENT_CLIENT, LoadPlan, measure_server_rps
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 # A quick run's numbers are rough: they never replace the full run's results.json.
 QUICK_OUT = Path(tempfile.gettempdir()) / "rubrix-bench-quick.json"
 HOOK_QUEUE = "bench-hooks"  # no worker consumes it: the hook phase must not wake the worker
+# The rate at which `server_cpu` fires events, paced like requests.
+SERVER_CPU_RATE = 5000
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Plan:
     e2e_repetitions: int
     latency_rate: float
     latency_seconds: float
+    cpu_rounds: int
+    cpu_seconds: float
 
 
     # Full run only: also small task messages (20 events), and Segment's client in the server.
@@ -43,9 +48,11 @@ class Plan:
 
 
 FULL = Plan(hook_calls=5000, hook_repetitions=5, load=LoadPlan(rounds=4, seconds=4, warmup_seconds=2),
-            e2e_events=10_000, e2e_repetitions=2, latency_rate=100, latency_seconds=8, compare_defaults=True)
+            e2e_events=10_000, e2e_repetitions=2, latency_rate=100, latency_seconds=8, cpu_rounds=5,
+            cpu_seconds=4, compare_defaults=True)
 QUICK = Plan(hook_calls=300, hook_repetitions=2, load=LoadPlan(rounds=1, seconds=1, warmup_seconds=1),
-             e2e_events=300, e2e_repetitions=1, latency_rate=50, latency_seconds=1.5, compare_defaults=False)
+             e2e_events=300, e2e_repetitions=1, latency_rate=50, latency_seconds=1.5, cpu_rounds=1,
+             cpu_seconds=0.5, compare_defaults=False)
 
 # Settings of the pipeline that the bench sets beyond the broker, endpoint and key: none,
 # every other setting keeps its default. The full run also measures small task messages
@@ -102,6 +109,13 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
                                {**enabled, "RUBRIX_TELEMETRY_QUEUE": HOOK_QUEUE}, timeout=300)
         redis.client().delete(HOOK_QUEUE)
 
+        log(f"server_cpu_us_per_event: off / ours / Segment's client / the floor, {SERVER_CPU_RATE} events/s ...")
+        cpu_env = {**enabled, "RUBRIX_TELEMETRY_QUEUE": HOOK_QUEUE}
+        server_cpu = measure_server_cpu(plan.cpu_rounds, SERVER_CPU_RATE, plan.cpu_seconds, sink.url, redis.url,
+                                        "bench-floor", lambda variant: envs["disabled"] if variant == "off" else cpu_env,
+                                        str(REPO_ROOT))
+        redis.client().delete(HOOK_QUEUE, "bench-floor")
+
         log("starting one worker process and sending a probe through the pipeline ...")
         worker = start_worker(enabled, logs)
         probe = run_producer("ours", 20, 0, enabled, sink)
@@ -127,6 +141,7 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "hook_us": {name: hooks[name] for name in ("ours", "segment", "apply_async")},
+        "server_cpu_us_per_event": server_cpu["us_per_event"],
         "server_rps": {name: server["rps"][name] for name in ("disabled", "enabled", "broker_down")},
         "e2e_events_per_s": {name: e2e["e2e_events_per_s"][name] for name in ("ours", "segment")},
         "delivery_latency_ms": {"p50": latency["p50"], "p99": latency["p99"]},
@@ -140,6 +155,7 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
         "tuned_settings": TUNED,
         "default_batching": DEFAULT_BATCHING if plan.compare_defaults else None,
         "hook_us_segment_send_false": hooks["segment_send_false"],
+        "server_cpu": {key: value for key, value in server_cpu.items() if key != "us_per_event"},
         "hook_calls_per_repetition": hooks["calls_per_repetition"],
         "hook_ours_stats": hooks["ours_stats"],
         "server_rps_all": server["rps"],

@@ -34,7 +34,10 @@ Call = Callable[[], Awaitable[Any]]
 def clients(sink_url: str, broker_url: str, queue: str) -> dict[str, Call]:
     from celery import Celery
 
-    from rubrix_hooks.contract import DELIVER_TASK_NAME, LOG_RECORDS_REQUESTED, build_event
+    from rubrix_hooks import message
+    from rubrix_hooks.contract import (DELIVER_TASK_NAME, LOG_RECORDS_REQUESTED, checked_wire_event,
+                                       new_message_id_prefix, timestamp_us)
+    from rubrix_hooks.platform_info import platform_info
     from rubrix_hooks.telemetry import track_bulk
 
     segment = segment_client(sink_url)
@@ -51,9 +54,12 @@ def clients(sink_url: str, broker_url: str, queue: str) -> dict[str, Call]:
     async def segment_send_false() -> None:
         segment_track(segment_off)
 
+    prefix = new_message_id_prefix()
+
     async def apply_async() -> None:
-        event = build_event(LOG_RECORDS_REQUESTED, PROPERTIES)
-        celery.send_task(DELIVER_TASK_NAME, args=[[event]], queue=queue)
+        # One event, checked and encoded as the publisher thread does, published on the request path.
+        event = checked_wire_event((LOG_RECORDS_REQUESTED, timestamp_us(), *PROPERTIES.values()), 0)
+        celery.send_task(DELIVER_TASK_NAME, kwargs=message.encode(platform_info(), prefix, [event]), queue=queue)
 
     return {"ours": ours, "segment": segment_track_call, "segment_send_false": segment_send_false,
             "apply_async": apply_async}

@@ -1,6 +1,6 @@
 """The Segment-compatible backend of the bench: accepts `POST /v1/batch`, notes arrivals.
 
-Not the project's collector (tasks/collector.py): that one answers each request in two
+Not the project's collector (telemetry_ops/collector.py): that one answers each request in two
 TCP writes (headers, then body) without TCP_NODELAY, so Nagle's algorithm holds the body
 until the client's delayed ACK, about 40 ms per request on Linux. Both pipelines would
 then measure that wait instead of themselves; this sink answers in one write, with

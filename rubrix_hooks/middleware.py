@@ -17,7 +17,8 @@ import re
 import zlib
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from rubrix_hooks.contract import DEFAULT_USERNAME, LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED
+from rubrix_hooks.contract import (DEFAULT_USERNAME, LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED,
+                                   raw_text)
 from rubrix_hooks.telemetry import record, settings, shutdown_async
 
 Scope = MutableMapping[str, Any]
@@ -137,19 +138,20 @@ class _ResponseWatcher:
         if self._status >= 400:
             detail = document.get("detail")
             if isinstance(detail, dict) and "code" in detail:
-                record(SERVER_ERROR_FOUND, lambda: {"code": detail["code"], **self._headers()})
+                record(SERVER_ERROR_FOUND, lambda: (raw_text(detail["code"]), *self._headers()))
         elif self._route is not None and self._route[0] == "me":
             username = document.get("username")
-            record(USER_INFO_REQUESTED, lambda: {"is_default_user": username == DEFAULT_USERNAME, **self._headers()})
+            record(USER_INFO_REQUESTED, lambda: (username == DEFAULT_USERNAME, *self._headers()))
         elif self._route is not None:
             processed, failed = document.get("processed"), document.get("failed", 0)
             if isinstance(processed, int) and isinstance(failed, int):
-                record(LOG_RECORDS_REQUESTED, lambda: {"task": self._route[1], "records": processed + failed})
+                record(LOG_RECORDS_REQUESTED, lambda: (self._route[1], processed + failed))
 
-    def _headers(self) -> dict[str, object]:
+    def _headers(self) -> tuple[object, object]:
+        """The user-agent and accept-language values, as the hooks keep them."""
         found: dict[str, object] = {"user-agent": None, "accept-language": None}
         for name, value in self._scope.get("headers", []):
             key = name.decode("latin-1").lower()
             if key in found:
                 found[key] = value
-        return found
+        return raw_text(found["user-agent"]), raw_text(found["accept-language"])

@@ -1,10 +1,12 @@
 """The bounded buffer and the background thread that hands events to the broker.
 
-The request path only appends to a deque (well under a microsecond). A daemon thread
-wakes every flush interval and publishes the buffered events as Celery tasks, a few
-events per task. The broker is touched only from that thread, with publish retries off
-and short socket timeouts, because `apply_async` can block for a long time when the
-broker is down (celery/celery#4296, #4556, #6911).
+The request path only appends a tuple of raw values to a deque (well under a microsecond).
+A daemon thread wakes every flush interval, checks each event against the contract (what
+fails is dropped and counted: nothing outside the allowlist leaves the process), gives it
+its messageId and publishes up to `events_per_task` events as one Celery task message in
+format 2 (`rubrix_hooks.message`). The broker is touched only from that thread, with
+publish retries off and short socket timeouts, because `apply_async` can block for a long
+time when the broker is down (celery/celery#4296, #4556, #6911).
 
 A batch that cannot be published is kept and tried again with a growing pause, so a
 broker blip loses nothing; meanwhile new events queue in the buffer, and those beyond
@@ -24,13 +26,24 @@ import time
 import weakref
 from typing import Any, Callable
 
-from rubrix_hooks.contract import DELIVER_TASK_NAME
+from rubrix_hooks import message
+from rubrix_hooks.contract import (
+    DELIVER_TASK_NAME,
+    MAX_SEQUENCE,
+    InvalidEvent,
+    checked_wire_event,
+    new_message_id_prefix,
+)
+from rubrix_hooks.platform_info import platform_info
 from rubrix_hooks.settings import Settings, broker_transport_options
 
 log = logging.getLogger("rubrix_hooks.publisher")
 
-Event = dict[str, Any]
-SendBatch = Callable[[list[Event]], None]
+# What a hook buffers: (event name, timestamp in µs, property values in contract order),
+# unchecked; the publisher thread checks it before anything leaves the process.
+RawEvent = tuple
+# Publishes one task message's kwargs (`message.encode`), or raises.
+SendBatch = Callable[[dict[str, Any]], None]
 
 # The longest pause between two attempts to reach a broker that is down.
 MAX_PUBLISH_PAUSE = 30.0
@@ -61,8 +74,9 @@ class CeleryBatchSender:
         # Import the broker's transport now, not at the first publish (no network I/O).
         self._app.connection_for_write().release()
 
-    def __call__(self, events: list[Event]) -> None:
-        self._app.send_task(DELIVER_TASK_NAME, args=[events], queue=self._queue, retry=False)
+    def __call__(self, kwargs: dict[str, Any]) -> None:
+        self._app.send_task(DELIVER_TASK_NAME, args=(), kwargs=kwargs, queue=self._queue, retry=False,
+                            argsrepr="()", kwargsrepr=message.describe(kwargs))
 
     def close(self) -> None:
         self._app.close()
@@ -82,9 +96,16 @@ class Publisher:
         """Fresh state: at creation and in a forked child, whose copied thread and locks are dead."""
         self.dropped: collections.Counter[str] = collections.Counter()
         self.published = 0
-        self._buffer: collections.deque[Event] = collections.deque()
-        self._in_hand: list[Event] = []  # taken from the buffer, not yet published
+        self._buffer: collections.deque[RawEvent] = collections.deque()
+        # Taken from the buffer, checked and encoded, not yet published: kept as is until
+        # the broker has it, so a re-publish sends the very same messageIds.
+        self._in_hand: dict[str, Any] | None = None
+        self._in_hand_count = 0
+        # A fresh prefix in a forked child: parent and child number their events apart.
+        self._id_prefix = new_message_id_prefix()
+        self._sequence = 0
         self._wake = threading.Event()
+        self._flush_requested = False
         self._idle = threading.Condition()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -94,31 +115,34 @@ class Publisher:
         self._dropped_since_warning = 0
 
     # -- request path ---------------------------------------------------------------
-    def submit(self, make_event: Callable[[], Event]) -> bool:
-        """Builds and buffers an event; False (and counted) when the buffer is full. Never blocks.
+    def has_room(self) -> bool:
+        """Whether `submit` would keep an event; when False, the caller counts the drop and
+        skips building it: during a broker outage requests then pay nothing for telemetry."""
+        return len(self._buffer) < self._capacity
 
-        The event is built only once there is room: during a broker outage the buffer
-        stays full, and requests should then pay nothing for it (uuid4, clock, headers).
-        """
-        if len(self._buffer) >= self._capacity:
-            self.count_drop("buffer_full")
-            return False
-        self._buffer.append(make_event())
-        if self._thread is None:
-            self._start()
-        return True
+    def submit(self, event: RawEvent) -> bool:
+        """Buffers an event; False (and counted) when the buffer is full. Never blocks."""
+        buffer = self._buffer
+        if len(buffer) < self._capacity:
+            buffer.append(event)
+            if self._thread is None:
+                self._start()
+            return True
+        self.count_drop("buffer_full")
+        return False
 
     # -- control --------------------------------------------------------------------
     def pending(self) -> int:
-        return len(self._buffer) + len(self._in_hand)
+        return len(self._buffer) + self._in_hand_count
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Waits until every buffered event is with the broker; False if `timeout` ran out."""
         deadline = time.monotonic() + timeout
         if self.pending() and self._thread is None:
             self._start()
-        # One wake-up: the thread publishes at once, and keeps its own pause between
-        # attempts if the broker is down (a flush must not hammer a dead broker).
+        # One wake-up: the thread publishes everything at once, and keeps its own pause
+        # between attempts if the broker is down (a flush must not hammer a dead broker).
+        self._flush_requested = True
         self._wake.set()
         with self._idle:
             while self.pending():
@@ -136,7 +160,7 @@ class Publisher:
         if not self.flush(timeout):
             left = self.pending()
             self._buffer.clear()
-            self._in_hand = []
+            self._in_hand, self._in_hand_count = None, 0
             self.dropped["shutdown_timeout"] += left
             log.warning("telemetry: %d events could not reach the broker before exit and were dropped", left)
 
@@ -157,8 +181,9 @@ class Publisher:
         while True:
             self._wake.wait(self._pause())
             self._wake.clear()
+            drain, self._flush_requested = self._flush_requested, False
             try:
-                self._publish_all()
+                self._publish_all(drain)
             except Exception:  # never let the thread die: the server would silently stop reporting
                 log.exception("telemetry: unexpected error in the publisher")
             with self._idle:
@@ -174,14 +199,59 @@ class Publisher:
             self._sender = self._make_sender()
         return self._sender
 
-    def _publish_all(self) -> None:
-        size = self._settings.events_per_task
+    def _encode(self, raw_events: list[RawEvent]) -> list[list[Any]]:
+        """Checks each event against the contract and numbers it; drops (and counts) the rest."""
+        events = []
+        if self._sequence + len(raw_events) > MAX_SEQUENCE:  # one prefix per message
+            self._id_prefix, self._sequence = new_message_id_prefix(), 0
+        sequence = self._sequence
+        for raw in raw_events:
+            try:
+                events.append(checked_wire_event(raw, sequence))
+            except InvalidEvent as error:
+                self.count_drop(error.reason)
+                continue
+            except Exception:  # a rule met a value we never imagined: drop it, never the thread
+                self.count_drop("hook_error")
+                continue
+            sequence += 1
+        self._sequence = sequence
+        return events
+
+    def _take_batch(self) -> int:
+        """Moves up to `events_per_task` events from the buffer into `_in_hand` (when any is
+        valid); returns how many it took off the buffer."""
+        take = min(self._settings.events_per_task, len(self._buffer))
+        if take:
+            # Counted as pending from here on, so that a flush never sees them nowhere.
+            self._in_hand_count = take
+            popleft = self._buffer.popleft
+            events = self._encode([popleft() for _ in range(take)])
+            self._in_hand_count = len(events)
+            if events:
+                self._in_hand = message.encode(platform_info(), self._id_prefix, events)
+        return take
+
+    def _publish_all(self, drain: bool = False) -> None:
+        """Publishes what was waiting when the thread woke up, and any full task message that
+        has built up since; with `drain` (a flush), everything.
+
+        Events that arrive during a publish wait for the next wake-up: otherwise a busy server
+        keeps this loop sending a stream of tiny task messages, each costing about a
+        millisecond of CPU whatever it carries.
+        """
+        backlog = len(self._buffer)
+        full_task = self._settings.events_per_task
         while True:
-            if not self._in_hand:
-                take = min(size, len(self._buffer))
-                if not take:
+            if self._in_hand is None:
+                if not (drain or backlog > 0 or len(self._buffer) >= full_task):
                     return
-                self._in_hand = [self._buffer.popleft() for _ in range(take)]
+                taken = self._take_batch()
+                backlog -= taken
+                if self._in_hand is None:  # nothing left, or nothing valid in what was taken
+                    if not taken:
+                        return
+                    continue
             try:
                 with _fork_guard:
                     self._ensure_sender()(self._in_hand)
@@ -196,8 +266,8 @@ class Publisher:
             if self._failures:
                 log.info("telemetry: the broker answers again")
             self._failures = 0
-            self.published += len(self._in_hand)
-            self._in_hand = []
+            self.published += self._in_hand_count
+            self._in_hand, self._in_hand_count = None, 0
 
     def count_drop(self, reason: str) -> None:
         self.dropped[reason] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -28,14 +29,25 @@ def telemetry_notice() -> str:
     )
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port, in one line naming the cause; None if it can."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        return f"cannot resolve the host {host!r}: pass --host a name or address of this machine"
+    with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is taken: pass --port"
+            if error.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine: pass --host"
+            if error.errno == errno.EACCES:
+                return f"not allowed to listen on port {port} (ports below 1024 need privileges): pass --port"
+            return f"cannot listen on {host}:{port}: {error.strerror}"
+    return None
 
 
 def load_app(example: bool) -> str:

@@ -113,10 +113,22 @@ def _http_url(raw: str) -> str:
     return raw.rstrip("/")
 
 
-def _broker_url(raw: str) -> str:
+def _broker_url(raw: str) -> str | None:
     if "://" not in raw:
         raise ValueError
-    return raw
+    # `status` shows the default queue as embedded://localhost//: set, that URL means the default.
+    return None if urlsplit(raw).scheme == EMBEDDED_SCHEME else raw
+
+
+def _check_broker_scheme(url: str) -> None:
+    """An unknown scheme is a configuration error at start, not a KeyError deep in kombu."""
+    from kombu.transport import TRANSPORT_ALIASES  # only when a broker URL is set
+
+    scheme = urlsplit(url).scheme
+    # kombu reads `transport+url` (sqla+postgresql://, redis+socket://) by its first part.
+    if scheme.partition("+")[0] not in TRANSPORT_ALIASES:
+        raise ConfigurationError(f"RUBRIX_TELEMETRY_BROKER_URL has an unknown broker scheme {scheme + '://'!r}: "
+                                 f"use one of kombu's, e.g. redis://, rediss://, sentinel://, amqp://")
 
 
 def _queue_name(raw: str) -> str:
@@ -153,8 +165,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         visibility_timeout=_seconds(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0),
         http_timeout=_seconds(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0),
     )
+    if settings.broker_url is not None:
+        _check_broker_scheme(settings.broker_url)
     # With Redis and acks_late, a retry held longer than the visibility timeout is
-    # delivered twice (DESIGN.md, known traps): refuse such a configuration outright.
+    # delivered twice (README, Configuration): refuse such a configuration outright.
     if settings.backoff_max >= settings.visibility_timeout:
         raise ConfigurationError(
             "RUBRIX_TELEMETRY_BACKOFF_MAX must be below RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT "
@@ -177,6 +191,8 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
         embedded_queue.register()
         folders = embedded_broker_folders(settings)
+        for folder in folders.values():  # kombu's filesystem transport expects them to exist
+            folder.mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
@@ -197,11 +213,9 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def embedded_broker_folders(settings: Settings) -> dict[str, Path]:
+    """Where the embedded queue keeps its files; creates nothing (`status` only reads)."""
     root = settings.data_dir / "broker"
-    folders = {name: root / name for name in ("queue", "control", "unacked")}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    return folders
+    return {name: root / name for name in ("queue", "control", "unacked")}
 
 
 def masked_url(url: str) -> str:

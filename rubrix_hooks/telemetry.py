@@ -1,7 +1,8 @@
 """Drop-in replacements for Rubrix 0.18's `rubrix.server.commons.telemetry` hooks.
 
-Each hook builds an allowlisted event and buffers it: microseconds, no I/O, and no
-exception ever reaches the caller. With telemetry switched off they return at once and
+Each hook buffers the raw values of one allowlisted event (a tuple: about a microsecond,
+no I/O) and no exception ever reaches the caller; the publisher thread checks them against
+the contract before anything leaves the process. With telemetry switched off they return at once and
 nothing else happens: no thread, no broker connection.
 """
 
@@ -9,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Mapping, Protocol
+from time import time_ns
+from typing import Any, Callable, Protocol
 
 from rubrix_hooks.contract import (
     DEFAULT_USERNAME,
     LOG_RECORDS_REQUESTED,
     SERVER_ERROR_FOUND,
     USER_INFO_REQUESTED,
-    InvalidEvent,
-    build_event,
+    raw_text,
+    timestamp_us,
 )
 from rubrix_hooks.publisher import Publisher
 from rubrix_hooks.settings import Settings, load_settings
@@ -46,45 +48,83 @@ def publisher() -> Publisher:
     return _publisher
 
 
-def _request_headers(request: object) -> dict[str, object]:
+def _request_headers(request: object) -> tuple[object, object]:
     headers = getattr(request, "headers", None)
     get = getattr(headers, "get", None)
     if get is None:
-        return {"user-agent": None, "accept-language": None}
-    return {"user-agent": get("user-agent"), "accept-language": get("accept-language")}
+        return None, None
+    return raw_text(get("user-agent")), raw_text(get("accept-language"))
 
 
-def record(event: str, properties: Callable[[], Mapping[str, object]]) -> bool:
-    """Buffers one event; False when it was not recorded (off, invalid or buffer full).
+def _with_room() -> Publisher | None:
+    """This process's publisher when its buffer has room; otherwise None, the drop counted.
 
-    `properties` is called here, inside the guard, because reading a request's headers
-    or an error's code runs code we do not control.
+    Checked before an event is built: during a broker outage the buffer stays full, and
+    requests should then pay nothing for telemetry (not even reading headers).
+    """
+    buffer = _publisher or publisher()
+    if buffer.has_room():
+        return buffer
+    buffer.count_drop("buffer_full")
+    return None
+
+
+def _hook_failed(event: str, error: Exception) -> None:
+    # Only our own reason is counted: the error's text may carry user data.
+    publisher().count_drop("hook_error")
+    log.debug("telemetry: event %s not recorded: %s", event, type(error).__name__)
+
+
+def record(event: str, values: Callable[[], tuple[object, ...]]) -> bool:
+    """Buffers one event; False when it was not recorded (off, buffer full or a hook error).
+
+    `values` (the event's property values in contract order) is called here, inside the
+    guard, because reading a request's headers or an error's code runs code we do not
+    control, and only when there is room.
     """
     if not settings.enabled:
         return False
     try:
-        return publisher().submit(lambda: build_event(event, properties()))
+        buffer = _with_room()
+        return buffer is not None and buffer.submit((event, timestamp_us(), *values()))
     except Exception as error:  # a hook must never fail the request it observes
-        # Only our own reasons are counted by name: any other error's text may carry user data.
-        publisher().count_drop(error.reason if isinstance(error, InvalidEvent) else "hook_error")
-        log.debug("telemetry: event %s not recorded: %s", event, type(error).__name__)
+        _hook_failed(event, error)
         return False
 
 
+# The three hooks are `record` written out: they run on every request, and a closure or
+# a helper call per request would cost them a good part of their time. `time_ns() // 1000`
+# is `contract.timestamp_us()`, inlined for the same reason.
+
 async def track_login(request: HasHeaders, username: str) -> None:
     if settings.enabled:
-        record(USER_INFO_REQUESTED, lambda: {
-            "is_default_user": username == DEFAULT_USERNAME, **_request_headers(request)})
+        try:
+            buffer = _with_room()
+            if buffer is not None:
+                buffer.submit((USER_INFO_REQUESTED, time_ns() // 1000, username == DEFAULT_USERNAME,
+                               *_request_headers(request)))
+        except Exception as error:  # a hook must never fail the request it observes
+            _hook_failed(USER_INFO_REQUESTED, error)
 
 
 async def track_bulk(task: object, records: int) -> None:
     if settings.enabled:
-        record(LOG_RECORDS_REQUESTED, lambda: {"task": task, "records": records})
+        try:
+            # Nothing to read here: the event is built before the room check, which submit makes.
+            (_publisher or publisher()).submit((LOG_RECORDS_REQUESTED, time_ns() // 1000, task, records))
+        except Exception as error:
+            _hook_failed(LOG_RECORDS_REQUESTED, error)
 
 
 async def track_error(error: object, request: HasHeaders) -> None:
     if settings.enabled:
-        record(SERVER_ERROR_FOUND, lambda: {"code": getattr(error, "code", None), **_request_headers(request)})
+        try:
+            buffer = _with_room()
+            if buffer is not None:
+                buffer.submit((SERVER_ERROR_FOUND, time_ns() // 1000, raw_text(getattr(error, "code", None)),
+                               *_request_headers(request)))
+        except Exception as failure:
+            _hook_failed(SERVER_ERROR_FOUND, failure)
 
 
 def flush(timeout: float = 5.0) -> bool:

@@ -1,6 +1,6 @@
 """Worker side of rubrix-telemetry: the Celery app, its task, platform data and delivery.
 
-Operators start a worker with `celery -A tasks worker -Q telemetry` and watch it with
+Operators start a worker with `celery -A tasks worker -Q telemetry -E -l INFO` and watch it with
 `celery -A tasks flower`. `tasks.app` is loaded on first use, so that the
 `rubrix-telemetry` command can report a bad setting as one clear line.
 """

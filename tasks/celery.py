@@ -1,20 +1,39 @@
-"""The Celery app of the telemetry workers: `celery -A tasks worker -Q telemetry`."""
+"""The Celery app of the telemetry workers: `celery -A tasks worker -Q telemetry -E -l INFO`."""
 
 from __future__ import annotations
 
 import logging
 
+import click
 from celery import Celery
 from celery.signals import task_rejected, task_unknown, worker_ready
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME
-from rubrix_hooks.settings import broker_transport_options, load_settings, masked_url
+from rubrix_hooks.settings import ConfigurationError, Settings, broker_transport_options, load_settings, masked_url
 from tasks import counters
+from tasks.remote_status import delivery_problem  # also registers the command `status` sends
 
 log = logging.getLogger("tasks")
 
+
+def _started_by_celery_command() -> bool:
+    # Celery's command line loads `-A tasks` inside its click command.
+    return click.get_current_context(silent=True) is not None
+
+
+def _load_settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigurationError as error:
+        if _started_by_celery_command():
+            # Celery's command line would print its usage banner and our traceback, and
+            # exit 2: one line naming the variable and exit code 1 instead.
+            raise SystemExit(f"celery -A tasks: configuration error: {error}") from None
+        raise
+
+
 # Read at import: `celery -A tasks worker` fails at start-up on a bad value.
-settings = load_settings()
+settings = _load_settings()
 
 app = Celery("tasks", include=["tasks.deliver"])
 app.conf.update(
@@ -49,8 +68,8 @@ def _announce(**_: object) -> None:
     if not settings.enabled:
         log.warning("telemetry is switched off by %s: events are acknowledged and dropped, nothing is sent",
                     settings.decided_by)
-    elif settings.is_segment and not settings.write_key:
-        log.error("RUBRIX_TELEMETRY_KEY is not set: events will be dropped, not sent to %s", settings.endpoint)
+    elif delivery_problem(settings):
+        log.error("telemetry: %s", delivery_problem(settings))
     else:
         log.info("telemetry: delivering to %s from broker %s", settings.endpoint,
                  masked_url(settings.broker_url_or_default))

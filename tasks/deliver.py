@@ -1,4 +1,4 @@
-"""The telemetry task: re-validate, attach platform data, deliver, retry with backoff."""
+"""The telemetry task: re-validate, attach the server's platform data, deliver, retry with backoff."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 
-from rubrix_hooks.contract import DELIVER_TASK_NAME, EVENT_KEYS, InvalidEvent, validate_event
+from rubrix_hooks import message
+from rubrix_hooks.contract import DELIVER_TASK_NAME
+from rubrix_hooks.platform_info import platform_info
 from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import installation_id
-from tasks.platform_info import platform_info
-from tasks.segment import DeliveryOutcome, Message, deliver_messages
+from tasks.segment import DeliveryOutcome, Message, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
 
@@ -62,29 +63,8 @@ def retry_countdown(retries: int, retry_after: float | None, settings: Settings)
     return min(countdown, settings.backoff_max)
 
 
-def to_message(event: dict[str, Any]) -> Message:
-    return {
-        "type": "track",
-        "event": event["event"],
-        "anonymousId": installation_id(settings.data_dir),
-        "messageId": event["messageId"],
-        "timestamp": event["timestamp"],
-        "properties": event["properties"],
-        "context": platform_info(),
-    }
-
-
-def _valid_events(events: object, dropped: collections.Counter[str]) -> list[dict[str, Any]]:
-    if not isinstance(events, list):
-        dropped["not a list of events"] += 1
-        return []
-    valid = []
-    for raw in events:
-        try:
-            valid.append(validate_event(raw))
-        except InvalidEvent as error:
-            dropped[f"invalid: {error.reason}"] += 1
-    return valid
+def to_message(event: dict[str, Any], platform: dict[str, str]) -> Message:
+    return segment_message(event, platform, installation_id(settings.data_dir))
 
 
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
@@ -102,27 +82,29 @@ def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any
     max_retries=None,  # bounded by RUBRIX_TELEMETRY_MAX_RETRY_DURATION instead
     typing=False,  # a malformed message is counted and dropped below, not failed by Celery
 )
-def deliver_events(self: Task, events: object = None, first_attempt_at: object = None, **_: object) -> dict[str, Any]:
-    """Delivers a batch of events; the return value says what was delivered and what was dropped why."""
-    dropped: collections.Counter[str] = collections.Counter()
+def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Delivers the events of one task message (any format `rubrix_hooks.message` reads); the
+    return value says what was delivered and what was dropped why."""
+    batch = message.read(args, kwargs)
+    dropped = batch.dropped
     if not settings.enabled:
-        dropped[f"telemetry off ({settings.decided_by})"] = len(events) if isinstance(events, list) else 0
-        return _summary(0, dropped)
-
-    valid = _valid_events(events, dropped)
+        off = collections.Counter({f"telemetry off ({settings.decided_by})": len(batch.events) + sum(dropped.values())})
+        return _summary(0, off)
     if dropped:
         log.warning("telemetry: rejected events outside the contract: %s", dict(dropped))
-    if not valid:
+    if not batch.events:
         return _summary(0, dropped)
     if settings.is_segment and not settings.write_key:
-        dropped["RUBRIX_TELEMETRY_KEY not set"] += len(valid)
+        dropped["RUBRIX_TELEMETRY_KEY not set"] += len(batch.events)
         log.error("telemetry: RUBRIX_TELEMETRY_KEY is not set; %d events not sent to %s",
-                  len(valid), settings.endpoint)
+                  len(batch.events), settings.endpoint)
         return _summary(0, dropped)
 
+    # The server's platform data; this worker's own only for a message that carries none.
+    platform = batch.platform or platform_info()
     now = time.time()
-    started = first_attempt_at if isinstance(first_attempt_at, (int, float)) and first_attempt_at <= now else now
-    outcome: DeliveryOutcome = deliver_messages([to_message(event) for event in valid], settings)
+    started = batch.first_attempt_at if batch.first_attempt_at is not None and batch.first_attempt_at <= now else now
+    outcome: DeliveryOutcome = deliver_messages([to_message(event, platform) for event in batch.events], settings)
     dropped.update(outcome.dropped)
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)
@@ -135,13 +117,14 @@ def deliver_events(self: Task, events: object = None, first_attempt_at: object =
 
     countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)
     # Only what failed is retried, unchanged: same messageId, so the backend can de-duplicate.
-    retry_events = [{key: message[key] for key in EVENT_KEYS} for message in outcome.retry]
+    retry_args, retry_kwargs = batch.retry_message(outcome.retry, platform, started)
     log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s)",
-             len(outcome.delivered), len(retry_events), countdown, outcome.retry_reason)
-    counters.record(settings, delivered=len(outcome.delivered), retried=len(retry_events), dropped=dropped)
+             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason)
+    counters.record(settings, delivered=len(outcome.delivered), retried=len(outcome.retry), dropped=dropped)
     raise self.retry(
-        args=[retry_events],
-        kwargs={"first_attempt_at": started},
+        args=retry_args,
+        kwargs=retry_kwargs,
+        kwargsrepr=message.describe(retry_kwargs) if retry_kwargs.get("format") == message.FORMAT else None,
         countdown=countdown,
-        exc=DeliveryFailed(f"{outcome.retry_reason}; {len(retry_events)} events retry in {countdown:.1f}s"),
+        exc=DeliveryFailed(f"{outcome.retry_reason}; {len(outcome.retry)} events retry in {countdown:.1f}s"),
     )

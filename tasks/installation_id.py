@@ -25,6 +25,11 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def stored_installation_id(data_dir: Path) -> str | None:
+    """The id if one is stored already; never creates it (for `rubrix-telemetry preview`)."""
+    return _read(data_dir / FILE_NAME)
+
+
 @functools.cache
 def installation_id(data_dir: Path) -> str:
     path = data_dir / FILE_NAME

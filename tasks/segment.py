@@ -57,6 +57,20 @@ def http_session() -> requests.Session:
     return _session
 
 
+def segment_message(event: dict[str, Any], platform: dict[str, str], anonymous_id: str) -> Message:
+    """A checked event in Segment's wire shape, its `context` the platform data of the server
+    that recorded it."""
+    return {
+        "type": "track",
+        "event": event["event"],
+        "anonymousId": anonymous_id,
+        "messageId": event["messageId"],
+        "timestamp": event["timestamp"],
+        "properties": event["properties"],
+        "context": platform,
+    }
+
+
 def encode(message: Message) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 

@@ -56,7 +56,7 @@ def redis_server(session_dir: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def backend_server():
-    from tasks.collector import Collector
+    from telemetry_ops.collector import Collector
 
     collector = Collector(port=BACKEND_PORT).start()
     yield collector

@@ -32,6 +32,51 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+# Our runtime dependencies, for the environments the tests build: the project itself comes
+# from PYTHONPATH, so a cached environment does not depend on where this checkout lives.
+RUNTIME_DEPENDENCIES = ["celery[redis]>=5.7,<6", "requests>=2.28"]
+
+
+def cached_venv(name: str, python: str, installs: list[list[str]], fingerprint: str = "") -> Path:
+    """A virtual environment built once with `python` and each `pip install` argument list in
+    turn, then reused (RUBRIX_TELEMETRY_TEST_CACHE, default ~/.cache/rubrix-telemetry-tests).
+    `fingerprint` is whatever else should rebuild it when it changes (a requirements file's
+    content). Returns its python."""
+    import hashlib
+    import json
+
+    version = subprocess.run([python, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256((version + json.dumps(installs) + fingerprint).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("RUBRIX_TELEMETRY_TEST_CACHE", Path.home() / ".cache" / "rubrix-telemetry-tests"))
+    venv = cache / f"{name}-{key}"
+    venv_python = venv / "bin" / "python"
+    if not (venv / "complete").exists():
+        pip = [str(venv_python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for step in [[python, "-m", "venv", "--clear", str(venv)], *(pip + args for args in installs)]:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"{' '.join(step)} failed:\n{done.stderr[-3000:]}"
+        (venv / "complete").touch()
+    return venv_python
+
+
+def pyenv_pythons() -> dict[tuple[int, int], str]:
+    """pyenv's CPython interpreters on this machine, by (major, minor): the newest patch of each."""
+    try:
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    found: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+    for folder in Path(root, "versions").glob("3.*"):
+        parts = folder.name.split(".")
+        python = folder / "bin" / "python3"
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and python.exists():
+            number = tuple(int(p) for p in parts)
+            if number[:2] not in found or found[number[:2]][0] < number:
+                found[number[:2]] = (number, str(python))
+    return {minor: python for minor, (_, python) in found.items()}
+
+
 class RedisServer:
     """A redis-server of the test session's own, on a free port, that tests may stop and restart."""
 
@@ -102,7 +147,7 @@ def child_environment(**overrides: str | None) -> dict[str, str]:
     """The test environment for a child process, with overrides (None removes a variable).
 
     The tests folder is kept off the children's PYTHONPATH: `celery` imports its plugins
-    by name, and a test helper named like one would be run by every child (DESIGN.md).
+    by name, and a test helper named like one would be run by every child.
     """
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -346,28 +391,38 @@ def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 def publish_events(count: int, queue: str, broker_url: str | None = None, embedded_data_dir: Path | None = None,
                    events_per_task: int | None = None) -> list[dict[str, Any]]:
-    """`count` valid LogRecordsRequested events put on `queue` by the server's own sender, as
-    the publisher thread would (settings.events_per_task per task message); on the embedded
-    queue in `embedded_data_dir` when given."""
+    """`count` valid LogRecordsRequested events put on `queue` by the server's own publisher
+    (settings.events_per_task per task message), on the embedded queue in `embedded_data_dir`
+    when given; returns them as a worker reads them back."""
     from dataclasses import replace
 
-    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, build_event
-    from rubrix_hooks.publisher import CeleryBatchSender
+    from rubrix_hooks import message
+    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, timestamp_us
+    from rubrix_hooks.publisher import CeleryBatchSender, Publisher
     from rubrix_hooks.settings import load_settings
 
     settings = load_settings()
     settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,
+                       buffer_size=max(count, settings.buffer_size),
                        events_per_task=events_per_task or settings.events_per_task)
     if embedded_data_dir is not None:
         settings = replace(settings, broker_url=None, data_dir=embedded_data_dir)
-    events = [build_event(LOG_RECORDS_REQUESTED, {"task": "TextClassification", "records": n}) for n in range(count)]
+    sent: list[dict[str, Any]] = []
     sender = CeleryBatchSender(settings)
+
+    def send(kwargs: dict[str, Any]) -> None:
+        sender(kwargs)
+        sent.extend(message.read([], kwargs).events)
+
+    publisher = Publisher(settings, make_sender=lambda: send)
     try:
-        for start in range(0, count, settings.events_per_task):
-            sender(events[start:start + settings.events_per_task])
+        for n in range(count):
+            publisher.submit((LOG_RECORDS_REQUESTED, timestamp_us(), "TextClassification", n))
+        assert publisher.flush(10), "the events did not reach the broker"
     finally:
+        publisher.close(1)
         sender.close()
-    return events
+    return sent
 
 
 class Children:
@@ -397,7 +452,9 @@ class Children:
 
     def server(self, argv: list[str], port: int, env: dict[str, str]) -> ServerProcess:
         app_folder = write_wrapped_app(self.folder / "app")
-        env = {**env, "PYTHONPATH": str(app_folder)}
+        # The checkout too, as for every other child (they run in it): else this one would
+        # import the project from wherever it is installed.
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(app_folder), str(REPO_ROOT)])}
         server = ServerProcess(argv, env, self.folder / f"server-{len(self.started)}.log", port, cwd=app_folder)
         self.started.append(server)
         server.wait_ready()

@@ -49,6 +49,10 @@ def test_quick_run_reports_every_measurement_as_a_positive_number(quick_results:
             for key in layout:
                 assert quick_results[measure][key] > 0, (measure, key)
     assert quick_results["worker_rss_mb"] > 0
+    # CPU added per event is a difference of two noisy measurements: in a quick run only the
+    # loop's own cost is sure to be positive.
+    cpu = quick_results["server_cpu_us_per_event"]
+    assert cpu["off"] > 0 and all(isinstance(cpu[name], float) for name in ("ours", "segment", "floor"))
 
 
 def test_quick_run_names_the_machine(quick_results: dict) -> None:
@@ -57,5 +61,5 @@ def test_quick_run_names_the_machine(quick_results: dict) -> None:
 
 
 def test_quick_run_checks_each_target_without_judging_it(quick_results: dict) -> None:
-    assert len(quick_results["targets"]) == 6
+    assert len(quick_results["targets"]) == 8
     assert all(isinstance(check["met"], bool) for check in quick_results["targets"].values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import urllib.request
 import pytest
 
 from rubrix_hooks.contract import validate_event
-from tasks.cli import build_parser
+from telemetry_ops.cli import build_parser
+from telemetry_ops.preview import ID_NOT_CREATED_YET
 from tests.support import REPO_ROOT, child_environment, free_port, wait_until
 
-COMMAND = [sys.executable, "-m", "tasks.cli"]
+COMMAND = [sys.executable, "-m", "telemetry_ops.cli"]
 
 
 def run(*args: str, timeout: float = 120, **env: str | None) -> subprocess.CompletedProcess[str]:
@@ -37,9 +39,10 @@ def test_demo_runs_the_whole_pipeline_and_prints_what_the_collector_received():
     done = run("demo", "--server", "example", "--port", str(free_port()), RUBRIX_TELEMETRY_BROKER_URL="redis://unused:1/0")
     assert done.returncode == 0, done.stderr
     messages = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    # One event per request: the demo's readiness check is a bare connection and fires none.
     assert sorted(m["event"] for m in messages) == [
-        "LogRecordsRequested", "ServerErrorFound", "ServerErrorFound", "ServerErrorFound",
-        "UserInfoRequested", "UserInfoRequested"]
+        "LogRecordsRequested", "ServerErrorFound", "ServerErrorFound", "ServerErrorFound", "UserInfoRequested"]
+    assert "5 events for the 5 requests sent;" in done.stdout
     assert "record texts and metadata sent to the server found in them: none" in done.stdout
     assert "customer-complaints-acme" not in "\n".join(line for line in done.stdout.splitlines()
                                                        if line.startswith("{"))
@@ -51,6 +54,106 @@ def test_demo_with_telemetry_off_sends_nothing():
     assert done.returncode == 0, done.stderr
     assert "Telemetry is off (RUBRIX_ENABLE_TELEMETRY): the collector received 0 messages." in done.stdout
     assert "export RUBRIX_ENABLE_TELEMETRY=0" not in done.stdout  # no "telemetry is on" notice
+
+
+def test_demo_left_out_of_an_installation_says_so_in_one_line():
+    # The Docker images leave telemetry_ops/demo.py out (.dockerignore): as if it were not there.
+    without_demo = ("import sys; sys.modules['telemetry_ops.demo'] = None; "
+                    "from telemetry_ops.cli import main; sys.exit(main(['demo']))")
+    done = subprocess.run([sys.executable, "-c", without_demo], cwd=REPO_ROOT, env=child_environment(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("rubrix-telemetry: the demo is not installed here") and done.stderr.count("\n") == 1
+
+
+def test_version_and_verbose_before_or_after_the_command():
+    from importlib.metadata import version
+
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"rubrix-telemetry {version('rubrix-telemetry')}"
+    parse = build_parser().parse_args
+    assert [parse(argv).verbose for argv in (["preview"], ["-v", "preview"], ["preview", "-v"],
+                                             ["status", "--verbose", "--json"])] == [False, True, True, True]
+    assert run("preview", "-v").returncode == 0
+
+
+def test_readme_commands_table_matches_help():
+    """Each row of the README's commands table is a command `--help` shows, with the options it
+    lists, and every command and option `--help` shows is in the table."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("### Commands"):readme.index("Every command has `--help`")]
+    rows = {row.split("`")[1] for row in table.splitlines() if row.startswith("| `rubrix-telemetry ")}
+    parser = build_parser()
+    documented = {}
+    for row in rows:
+        words = row.replace("\\|", "|").split()
+        documented[words[1]] = {word.strip("[]").split()[0] for word in words[2:] if word.strip("[").startswith("--")}
+    assert set(documented) == set(subcommands())
+    for name, sub in parser._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
+        options = {option for action in sub._actions for option in action.option_strings
+                   if option.startswith("--") and option not in ("--help", "--verbose")}
+        assert documented[name] == options, name
+    # The worker as the README and compose start it: says when it is ready, logs each delivery.
+    assert "`celery -A tasks worker -Q telemetry -E -l INFO`" in table
+    worker_commands = set(re.findall(r"celery -A tasks worker -Q[^`\n]*", readme))
+    assert worker_commands == {"celery -A tasks worker -Q telemetry -E -l INFO"}
+
+
+WORKER = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "telemetry"]
+
+
+@pytest.mark.parametrize("argv, env, cause", [
+    (["server", "--example", "--port", "99999"], {}, "a port is a number from 0 to 65535, got '99999'"),
+    (["collector", "--port", "-1"], {}, "a port is a number from 0 to 65535, got '-1'"),
+    (["demo", "--port", "70000"], {}, "a port is a number from 0 to 65535, got '70000'"),
+    (["server", "--example", "--host", "nosuch.invalid"], {}, "cannot resolve the host 'nosuch.invalid'"),
+    (["collector", "--host", "nosuch.invalid"], {}, "cannot resolve the host 'nosuch.invalid'"),
+    (["collector", "--out", "/missing/dir/x.jsonl"], {}, "cannot write --out /missing/dir/x.jsonl: No such file"),
+    (["status"], {"RUBRIX_TELEMETRY_BROKER_URL": "foo://x"}, "unknown broker scheme 'foo://'"),
+    (["preview"], {"RUBRIX_TELEMETRY_BROKER_URL": "foo://x"}, "unknown broker scheme 'foo://'"),
+    (["server", "--example"], {"RUBRIX_TELEMETRY_BROKER_URL": "foo://x"}, "unknown broker scheme 'foo://'"),
+    (["nosuch"], {}, "invalid choice: 'nosuch'"),
+    (WORKER, {"RUBRIX_TELEMETRY_BACKOFF_MAX": "7200"}, "RUBRIX_TELEMETRY_BACKOFF_MAX must be below"),
+    (WORKER, {"RUBRIX_TELEMETRY_BROKER_URL": "foo://x"}, "RUBRIX_TELEMETRY_BROKER_URL has an unknown broker scheme"),
+    (WORKER, {"RUBRIX_TELEMETRY_BUFFER_SIZE": "lots"}, "RUBRIX_TELEMETRY_BUFFER_SIZE must be a positive integer"),
+], ids=lambda value: " ".join(value[-3:]) if isinstance(value, list) else None)
+def test_every_mistake_ends_in_one_line_and_exit_code_1(argv, env, cause):
+    command = argv if argv[0] == sys.executable else [*COMMAND, *argv]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=child_environment(**env), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert cause in done.stderr
+    assert "Traceback" not in done.stderr and "Usage" not in done.stdout + done.stderr
+
+
+def test_collector_out_is_created_at_start(tmp_path):
+    out = tmp_path / "audit.jsonl"
+    port = free_port()
+    process = subprocess.Popen([*COMMAND, "collector", "--port", str(port), "--out", str(out)], cwd=REPO_ROOT,
+                               env=child_environment(), stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(out.exists, timeout=20)  # before any message arrives
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_preview_only_reads(tmp_path):
+    data_dir = tmp_path / "data"
+    done = run("preview", RUBRIX_TELEMETRY_BROKER_URL=None, RUBRIX_TELEMETRY_DATA_DIR=str(data_dir))
+    assert done.returncode == 0, done.stderr
+    assert not data_dir.exists()  # neither the installation id nor the embedded queue's folders
+    shown = json.loads(done.stdout)
+    assert shown["installation_id"] is None
+    assert {example["anonymousId"] for example in shown["examples"]} == {ID_NOT_CREATED_YET}
+
+    data_dir.mkdir()
+    (data_dir / "installation-id").write_text("0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10\n")
+    shown = json.loads(run("preview", RUBRIX_TELEMETRY_DATA_DIR=str(data_dir)).stdout)
+    assert shown["installation_id"] == "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
+    assert {example["anonymousId"] for example in shown["examples"]} == {shown["installation_id"]}
+    assert sorted(path.name for path in data_dir.iterdir()) == ["installation-id"]
 
 
 def test_preview_shows_the_switch_platform_and_valid_examples():

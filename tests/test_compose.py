@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from rubrix_hooks.settings import load_settings
-from tasks.cli import build_parser
+from telemetry_ops.cli import build_parser
 from tests.support import REPO_ROOT, child_environment
 
 COMPOSE = shutil.which("docker-compose")

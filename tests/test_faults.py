@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tasks.collector import Collector
+from telemetry_ops.collector import Collector
 from tests.support import (RedisServer, children_fixture, free_port, message_ids, publish_events,
                            unique_messages, wait_until)
 

@@ -77,7 +77,7 @@ class FlowerProcess:
     def task_with(self, message_id: str) -> dict[str, Any] | None:
         """The delivery task carrying the event `message_id`, as Flower's API lists it."""
         tasks = self.get("/api/tasks", taskname=DELIVER_TASK_NAME).json()
-        return next((task for task in tasks.values() if message_id in str(task.get("args"))), None)
+        return next((task for task in tasks.values() if message_id in str(task.get("args")) + str(task.get("kwargs"))), None)
 
     def wait_for_task(self, message_id: str, state: str) -> dict[str, Any]:
         task = wait_until(lambda: (t := self.task_with(message_id)) and t["state"] == state and t, timeout=20)

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rubrix_hooks import flush, stats, track_bulk, track_error, track_login
 from rubrix_hooks.contract import EVENT_KEYS, RUBRIX_TASKS, validate_event
-from tasks.platform_info import PLATFORM_KEYS, platform_info
+from rubrix_hooks import message
+from rubrix_hooks.platform_info import PLATFORM_KEYS, platform_info
 from tests.support import unique_messages, wait_until
 
 CANARY = "CANARY-9c41"  # '-' can never be part of an error code, so no valid code carries it
@@ -281,14 +282,14 @@ def test_hooks_example_server_and_middleware_never_leak_and_stay_in_the_contract
 
 @pytest.fixture
 def captured(monkeypatch):
-    """The hooks' publisher with a sender that keeps each batch, encoded as Celery would."""
+    """The hooks' publisher with a sender that keeps each task message's kwargs, encoded as Celery would."""
     from kombu.utils.json import dumps
 
     from rubrix_hooks import telemetry
     from rubrix_hooks.publisher import Publisher
 
     batches: list[str] = []
-    publisher = Publisher(telemetry.settings, make_sender=lambda: lambda events: batches.append(dumps([events])))
+    publisher = Publisher(telemetry.settings, make_sender=lambda: lambda kwargs: batches.append(dumps(kwargs)))
     monkeypatch.setattr(telemetry, "_publisher", publisher)
     yield batches
     publisher.close(1)
@@ -301,7 +302,9 @@ def test_hooks_hand_the_broker_nothing_outside_the_contract(captured):
     handed = "".join(captured)
     assert CANARY not in handed
     for batch in captured:
-        for event in json.loads(batch)[0]:
+        received = message.read([], json.loads(batch))
+        assert received.format == 2 and not received.dropped and received.platform == platform_info()
+        for event in received.events:
             assert validate_event(event) == event
 
 

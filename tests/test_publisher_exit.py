@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from rubrix_hooks import message
+
 from tests.support import child_environment, run_hook_client
 
 
@@ -17,7 +19,10 @@ def test_events_fired_just_before_exit_are_flushed_to_the_broker(redis_server):
     assert report["stats"]["published"] == 0  # nothing handed over before the script ended
     assert took < 15
     messages = [json.loads(raw) for raw in redis.lrange(queue, 0, -1)]
-    events = [event for message in messages for event in json.loads(_body(message))[0][0]]
+    events = []
+    for queued in messages:
+        args, kwargs, _ = json.loads(_body(queued))
+        events += message.read(args, kwargs).events
     assert len(events) == 30 and len({e["messageId"] for e in events}) == 30
 
 

@@ -7,10 +7,7 @@ builds a separate virtual environment once and caches it (RUBRIX_TELEMETRY_TEST_
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -20,12 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.es_standin import ElasticsearchStandIn
-from tests.support import REPO_ROOT, child_environment, free_port, wait_until
+from tests.support import (RUNTIME_DEPENDENCIES, REPO_ROOT, cached_venv, child_environment, free_port, pyenv_pythons,
+                           wait_until)
 
 REQUIREMENTS = REPO_ROOT / "requirements" / "rubrix-0.18-server.txt"
-# Our own runtime dependencies; the project itself comes from PYTHONPATH, so the cached
-# environment does not depend on where this checkout lives.
-OUR_DEPENDENCIES = ["celery[redis]>=5.3,<6", "requests>=2.28"]
 CANARY = "canary-9d41"
 
 pytestmark = pytest.mark.slow
@@ -36,35 +31,24 @@ def rubrix_base_python() -> str:
 
     The requirements file is pinned for 3.11 (scipy 1.17 has no build for 3.10; numpy 1.26 and
     pandas 1.5 none for 3.13): under nox, which runs the suite on the oldest and the newest
-    supported Python, the server still runs on 3.11 (noxfile.py puts pyenv's interpreters on PATH).
+    supported Python, the server still runs on 3.11, pyenv's.
     """
     if sys.version_info[:2] == (3, 11):
         return sys.executable
-    found = os.environ.get("RUBRIX_TELEMETRY_RUBRIX_PYTHON") or shutil.which("python3.11")
-    assert found, "Rubrix 0.18's environment needs python3.11 on PATH (or RUBRIX_TELEMETRY_RUBRIX_PYTHON)"
+    found = pyenv_pythons().get((3, 11))
+    assert found, "Rubrix 0.18's environment needs CPython 3.11, from pyenv when the tests run on another"
     return found
 
 
 @pytest.fixture(scope="session")
 def rubrix_python() -> Path:
-    key = hashlib.sha256(REQUIREMENTS.read_bytes() + json.dumps(OUR_DEPENDENCIES).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("RUBRIX_TELEMETRY_TEST_CACHE", Path.home() / ".cache" / "rubrix-telemetry-tests"))
-    venv = cache / f"rubrix-0.18-{key}"
-    python = venv / "bin" / "python"
-    if not (venv / "complete").exists():
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        steps = [
-            [rubrix_base_python(), "-m", "venv", "--clear", str(venv)],
-            # Rubrix's declared pins do not build on Python 3.11: install it without them.
-            pip + ["--no-deps", "rubrix==0.18.0"],
-            pip + ["-r", str(REQUIREMENTS)],
-            pip + OUR_DEPENDENCIES,
-        ]
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
-            assert done.returncode == 0, f"{' '.join(step)} failed:\n{done.stderr[-3000:]}"
-        (venv / "complete").touch()
-    return python
+    # Rubrix's declared pins do not build on Python 3.11: install it without them, then the
+    # server's real requirements. The requirements file's content is part of the cache key.
+    return cached_venv("rubrix-0.18", rubrix_base_python(), [
+        ["--no-deps", "rubrix==0.18.0"],
+        ["-r", str(REQUIREMENTS)],
+        RUNTIME_DEPENDENCIES,
+    ], fingerprint=REQUIREMENTS.read_text())
 
 
 def call(url: str, method: str = "GET", body: object = None, key: str | None = "rubrix.apikey") -> int:
@@ -86,7 +70,7 @@ def rubrix_server(rubrix_python, pipeline, tmp_path):
     port = free_port()
     env = child_environment(RUBRIX_ELASTICSEARCH=elasticsearch.url, PYTHONPATH=str(REPO_ROOT))
     log = (tmp_path / "rubrix.log").open("wb")
-    server = subprocess.Popen([str(rubrix_python), "-m", "tasks.cli", "server", "--port", str(port)],
+    server = subprocess.Popen([str(rubrix_python), "-m", "telemetry_ops.cli", "server", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
@@ -132,6 +116,8 @@ def test_real_rubrix_reports_through_our_hooks_and_leaks_nothing(rubrix_server, 
         ("UserInfoRequested", json.dumps({"is_default_user": True, **user}, sort_keys=True)),
         ("UserInfoRequested", json.dumps({"is_default_user": True, **user}, sort_keys=True)),
     ])
+    # The server's platform data: Rubrix 0.18 is installed where the server runs, not here.
+    assert {m["context"]["version"] for m in messages} == {"0.18.0"}
     everything_sent = json.dumps([r.body for r in pipeline.requests])
     assert CANARY not in everything_sent and "patient record" not in everything_sent
     # Rubrix's own notice, with how to switch telemetry off.

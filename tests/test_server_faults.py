@@ -19,7 +19,7 @@ import pytest
 
 from rubrix_hooks.contract import MAX_HEADER_LENGTH
 from rubrix_hooks.example_app import API_KEY
-from tasks.collector import Collector
+from telemetry_ops.collector import Collector
 from tests.support import (WRAPPED_APP_MODULE, Children, RedisServer, child_environment, children_fixture,
                            free_port, http_request, raw_http_status, unique_messages, wait_until)
 

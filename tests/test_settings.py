@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
-from rubrix_hooks.settings import ConfigurationError, load_settings, masked_url, telemetry_switch
+from rubrix_hooks.settings import (ConfigurationError, broker_transport_options, embedded_broker_folders, load_settings,
+                                   masked_url, telemetry_switch)
 from tests.support import REPO_ROOT, child_environment
 
 
@@ -52,13 +54,42 @@ def test_backoff_must_stay_below_the_visibility_timeout():
 @pytest.mark.parametrize("command", [
     [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "telemetry"],
     [sys.executable, "-c", "import rubrix_hooks.telemetry"],
-    [sys.executable, "-m", "tasks.cli", "preview"],
+    [sys.executable, "-m", "telemetry_ops.cli", "preview"],
 ])
 def test_bad_value_stops_start_up_with_a_clear_error(command):
     env = child_environment(RUBRIX_TELEMETRY_BUFFER_SIZE="lots")
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "RUBRIX_TELEMETRY_BUFFER_SIZE must be a positive integer, got 'lots'" in done.stderr
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://h:6380/0?ssl_cert_reqs=required",
+                                 "sentinel://h:26379", "amqp://guest@h//", "amqps://h//", "pyamqp://h//",
+                                 "sqs://", "sqla+postgresql://u@h/db", "redis+socket:///run/redis.sock",
+                                 "filesystem://localhost//", "memory://"])
+def test_every_broker_scheme_kombu_knows_is_accepted(url):
+    assert load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url}).broker_url == url
+
+
+def test_the_embedded_queues_url_means_the_default():
+    settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "embedded://localhost//"})
+    assert settings.uses_embedded_broker and settings.broker_url_or_default == "embedded://localhost//"
+
+
+@pytest.mark.parametrize("url", ["foo://x", "redis-cluster://h:7000", "http://h:6379/0"])
+def test_an_unknown_broker_scheme_is_a_configuration_error_naming_it(url):
+    scheme = url.split("://")[0]
+    with pytest.raises(ConfigurationError, match=f"RUBRIX_TELEMETRY_BROKER_URL has an unknown broker scheme "
+                                                 f"'{re.escape(scheme)}://'"):
+        load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url})
+
+
+def test_reading_the_embedded_queue_folders_creates_nothing(tmp_path):
+    settings = load_settings({"RUBRIX_TELEMETRY_DATA_DIR": str(tmp_path / "data")})
+    folders = embedded_broker_folders(settings)
+    assert folders["queue"] == tmp_path / "data" / "broker" / "queue" and not (tmp_path / "data").exists()
+    broker_transport_options(settings)  # what a server or worker uses to connect: creates them
+    assert all(folder.is_dir() for folder in folders.values())
 
 
 def test_masked_url_hides_the_password():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.collector import Collector
+from telemetry_ops.collector import Collector
 from tests.support import SilentBroker, WorkerProcess, child_environment, run_hook_client, wait_until
 
 OFF_SWITCHES = [

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,9 +24,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-from rubrix_hooks.server import port_is_free
+from rubrix_hooks.server import listen_problem
 from rubrix_hooks.settings import Settings
-from tasks.collector import Collector
+from telemetry_ops.collector import Collector
 
 log = logging.getLogger("rubrix-telemetry.demo")
 
@@ -60,9 +61,12 @@ def _request(url: str, method: str = "GET", body: Any = None, headers: dict[str,
         return error.code
 
 
-def _server_answers(base: str) -> bool:
+def _server_listens(port: int) -> bool:
+    # A connection, not a request: any API request would fire an event of its own and the
+    # demo would print one more than it sent. uvicorn listens once the app has started.
     try:
-        return _request(base + "/api/me", headers=API_KEY_HEADER) == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
     except OSError:
         return False
 
@@ -102,8 +106,9 @@ def send_requests(base: str) -> list[tuple[str, int]]:
 def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool = False,
              port: int = 6900, collector_port: int = 0, timeout: float = 60.0) -> int:
     use_rubrix = server_kind == "rubrix" or (server_kind == "auto" and _rubrix_available())
-    if not port_is_free("127.0.0.1", port):
-        raise DemoFailed(f"port {port} on 127.0.0.1 is taken: pass --port")
+    problem = listen_problem("127.0.0.1", port)
+    if problem:
+        raise DemoFailed(problem)
 
     # The folder outlives the stack: processes are stopped before their files go.
     with tempfile.TemporaryDirectory(prefix="rubrix-telemetry-demo-") as folder, ExitStack() as stack:
@@ -124,7 +129,7 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
             env=env, stdout=worker_log, stderr=subprocess.STDOUT)
         stack.callback(_stop, worker)
         server_args = ["server", "--port", str(port)] + ([] if use_rubrix else ["--example"])
-        server = subprocess.Popen([sys.executable, "-m", "tasks.cli", *server_args], env=env)
+        server = subprocess.Popen([sys.executable, "-m", "telemetry_ops.cli", *server_args], env=env)
         stack.callback(_stop, server)
         log.info("worker on the embedded queue in %s; %s server on http://127.0.0.1:%d",
                  workdir / "data", "Rubrix" if use_rubrix else "example", port)
@@ -139,11 +144,12 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
         def server_ready() -> bool:
             if server.poll() is not None:
                 raise DemoFailed(f"the server exited with code {server.returncode}")
-            return _server_answers(base)
+            return _server_listens(port)
 
         _wait(worker_ready, timeout, "the worker")
         _wait(server_ready, timeout, "the server")
-        for what, status in send_requests(base):
+        sent = send_requests(base)
+        for what, status in sent:
             log.info("sent %-55s -> HTTP %d", what, status)
 
         if not settings.enabled:
@@ -151,15 +157,15 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
             print(f"\nTelemetry is off ({settings.decided_by}): the collector received {len(collector.accepted_messages())} "
                   "messages.")
         else:
-            # /api/me counted once above in the connectivity check, plus the session's requests.
-            _wait(lambda: len(collector.accepted_messages()) >= 6, timeout, "the events at the collector")
+            # One event per request sent: the readiness check above fired none.
+            _wait(lambda: len(collector.accepted_messages()) >= len(sent), timeout, "the events at the collector")
             time.sleep(0.5)
             received = out.read_text(encoding="utf-8")
             print("\nThe collector received, exactly as sent:")
             print(received, end="")
             leaked = [s for s in [PRIVATE_DATASET, INVALID_DATASET, *PRIVATE_TEXTS, "acme-corp"] if s in received]
-            print(f"\n{len(collector.accepted_messages())} events; dataset names, record texts and metadata "
-                  f"sent to the server found in them: {leaked or 'none'}")
+            print(f"\n{len(collector.accepted_messages())} events for the {len(sent)} requests sent; dataset names, "
+                  f"record texts and metadata sent to the server found in them: {leaked or 'none'}")
         if keep_running:
             print(f"\nStill running: server {base}, collector {collector.url} "
                   f"(messages appended to {out}). Ctrl-C stops everything.", flush=True)

@@ -8,16 +8,18 @@ Workers and Flower are started with Celery's own commands (`celery -A tasks work
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from rubrix_hooks.settings import ConfigurationError, load_settings
 
 log = logging.getLogger("rubrix-telemetry")
 
+PROG = "rubrix-telemetry"
 DEFAULT_SERVER_PORT = 6900
 DEFAULT_COLLECTOR_PORT = 6970
 
@@ -26,14 +28,59 @@ class CommandFailed(Exception):
     """Ends a command with one clear line on stderr and exit code 1."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr and exit code 1, like every other mistake
+    (argparse's own: the usage banner and exit code 2); `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: {message} (see --help)\n")
+
+
+def port_number(raw: str) -> int:
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {raw!r}")
+    return port
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("rubrix-telemetry")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def cmd_collector(args: argparse.Namespace) -> int:
-    from tasks.collector import Collector
+def _check_can_listen(host: str, port: int) -> None:
+    from rubrix_hooks.server import listen_problem
 
+    problem = listen_problem(host, port)
+    if problem:
+        raise CommandFailed(problem)
+
+
+def _check_can_append(path: Path) -> None:
+    """Checked at start: a collector that cannot keep what it receives must not accept it."""
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise CommandFailed(f"cannot write --out {path}: {error.strerror}") from None
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    from telemetry_ops.collector import Collector
+
+    if args.out is not None:
+        _check_can_append(args.out)
+    _check_can_listen(args.host, args.port)
     try:
         collector = Collector(host=args.host, port=args.port, out=args.out)
     except OSError as error:
@@ -51,7 +98,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from tasks.preview import preview
+    from telemetry_ops.preview import preview
 
     settings = load_settings()
     print(json.dumps(preview(settings), indent=2, ensure_ascii=False))
@@ -60,11 +107,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from rubrix_hooks.rubrix_patch import RubrixNotInstalled
-    from rubrix_hooks.server import port_is_free, run_server
+    from rubrix_hooks.server import run_server
 
     settings = load_settings()
-    if not port_is_free(args.host, args.port):
-        raise CommandFailed(f"port {args.port} on {args.host} is taken: pass --port")
+    _check_can_listen(args.host, args.port)
     try:
         run_server(settings, args.host, args.port, example=args.example)
     except RubrixNotInstalled as error:
@@ -73,7 +119,14 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.demo import DemoFailed, run_demo
+    try:
+        from telemetry_ops.demo import DemoFailed, run_demo
+    except ModuleNotFoundError as error:
+        if error.name != "telemetry_ops.demo":
+            raise
+        # The Docker images leave the demo out: it starts a whole stack of its own.
+        raise CommandFailed("the demo is not installed here (the Docker images leave it out): run it from a "
+                            "checkout with `pip install -e \".[server]\" && rubrix-telemetry demo`") from None
 
     try:
         return run_demo(load_settings(), server_kind=args.server, keep_running=args.keep_running, port=args.port,
@@ -83,66 +136,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.status import run_status
+    from telemetry_ops.status import run_status
 
     return run_status(json_output=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rubrix-telemetry",
+    parser = OneLineParser(
+        prog=PROG,
         description="Anonymous Rubrix telemetry through Celery workers. "
                     "Configuration comes from the environment (see the README).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    # Accepted after the command too; SUPPRESS keeps a command without it from resetting
+    # what was given before the command.
+    verbose = OneLineParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser(
+    def command(name: str, **kwargs: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[verbose], **kwargs)
+
+    def listen_options(sub: argparse.ArgumentParser, default_port: int) -> None:
+        sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+        sub.add_argument("--port", type=port_number, default=default_port,
+                         help="port to listen on (default: %(default)s)")
+
+    demo = command(
         "demo", help="run the whole pipeline locally and print what leaves the server",
         description="Starts a local collector, a Celery worker on the embedded on-disk queue and a server with "
                     "the hooks (the real Rubrix when installed and its Elasticsearch answers, else the example "
-                    "app), sends a few realistic requests, prints the events exactly as the collector received "
-                    "them, then stops everything.")
+                    "app), sends five realistic requests (one event each), prints the events exactly as the "
+                    "collector received them, then stops everything.")
     demo.add_argument("--server", choices=["auto", "rubrix", "example"], default="auto",
                       help="which server to run (default: %(default)s)")
-    demo.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT, help="server port (default: %(default)s)")
-    demo.add_argument("--collector-port", type=int, default=0, help="collector port (default: any free port)")
+    demo.add_argument("--port", type=port_number, default=DEFAULT_SERVER_PORT,
+                      help="server port (default: %(default)s)")
+    demo.add_argument("--collector-port", type=port_number, default=0,
+                      help="collector port (default: any free port)")
     demo.add_argument("--keep-running", action="store_true",
                       help="leave server, worker and collector running until Ctrl-C")
     demo.set_defaults(run=cmd_demo)
 
-    server = commands.add_parser(
+    server = command(
         "server", help="run the Rubrix server with the telemetry hooks installed",
         description="Runs the real Rubrix app (rubrix.server.server:app) under uvicorn with rubrix_hooks "
                     "installed by patch_rubrix(), or with --example the example app with Rubrix's endpoints.")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    server.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT, help="port (default: %(default)s)")
+    listen_options(server, DEFAULT_SERVER_PORT)
     server.add_argument("--example", action="store_true",
                         help="serve the example app instead of Rubrix (no Rubrix or Elasticsearch needed)")
     server.set_defaults(run=cmd_server)
 
-    collector = commands.add_parser(
+    collector = command(
         "collector", help="run a local Segment-compatible backend that records what is sent",
         description="A local Segment-compatible backend (POST /v1/batch and /v1/track) that logs a line "
                     "per batch and appends every message to a JSONL file. Point "
                     "RUBRIX_TELEMETRY_ENDPOINT at it to audit what leaves your server.")
-    collector.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    collector.add_argument("--port", type=int, default=DEFAULT_COLLECTOR_PORT,
-                           help="port to listen on (default: %(default)s)")
-    collector.add_argument("--out", type=Path, help="JSONL file to append every received message to")
+    listen_options(collector, DEFAULT_COLLECTOR_PORT)
+    collector.add_argument("--out", type=Path,
+                           help="JSONL file to append every received message to (checked at start)")
     collector.set_defaults(run=cmd_collector)
 
-    preview = commands.add_parser(
+    preview = command(
         "preview", help="print the platform data and one example of each event, exactly as sent",
         description="Prints whether telemetry is on and which variable decided, the platform data this "
-                    "machine would attach, and one example of each event exactly as it would be sent.")
+                    "machine would attach, and one example of each event exactly as it would be sent. "
+                    "Only reads: creates neither the installation id nor the queue.")
     preview.set_defaults(run=cmd_preview)
 
-    status = commands.add_parser(
-        "status", help="check the broker, the queue and the workers' delivery counts",
-        description="Whether telemetry is on, the broker and whether it answers, the telemetry queue's "
-                    "depth, the backend endpoint, and the events delivered, retried and dropped. "
-                    "Exit code 0 when healthy.")
+    status = command(
+        "status", help="ask the broker and the workers whether events can flow",
+        description="Asks the broker (queue depth, delivery counts) and every worker listening on it (Celery "
+                    "remote control: each answers with its queues, its telemetry switch, endpoint, whether a "
+                    "write key is set, concurrency and versions). Healthy, exit code 0: the broker answers, "
+                    "a worker consumes the queue and none of those workers is unable to deliver. Otherwise "
+                    "exit code 1 with one line per problem on stderr. Answers within 5 seconds.")
     status.add_argument("--json", action="store_true", help="print one JSON document for scripts")
     status.set_defaults(run=cmd_status)
     return parser
@@ -155,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigurationError, CommandFailed) as error:
-        print(f"rubrix-telemetry: {error}", file=sys.stderr)
+        print(f"{PROG}: {error}", file=sys.stderr)
         return 1
 
 

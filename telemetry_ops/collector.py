@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-log = logging.getLogger("tasks.collector")
+log = logging.getLogger("telemetry_ops.collector")
 
 # Larger than Segment's 500 KB batch limit, so that an oversized batch is seen, not cut.
 MAX_BODY_BYTES = 4 << 20

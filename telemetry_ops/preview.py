@@ -1,0 +1,56 @@
+"""What this machine would send as a server: the switch, its platform data, one example of each event.
+
+Preview only reads: it creates neither the installation id nor the embedded queue's
+folders (a worker does, when it delivers), so it does not import the worker's app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rubrix_hooks import message
+from rubrix_hooks.contract import (
+    EVENT_FIELDS,
+    LOG_RECORDS_REQUESTED,
+    SERVER_ERROR_FOUND,
+    USER_INFO_REQUESTED,
+    checked_wire_event,
+    new_message_id_prefix,
+    timestamp_us,
+)
+from rubrix_hooks.platform_info import platform_info
+from rubrix_hooks.settings import Settings
+from tasks.installation_id import stored_installation_id
+from tasks.segment import segment_message
+
+EXAMPLE_HEADERS = {"user-agent": "python-requests/2.31.0", "accept-language": "en-US,en;q=0.9"}
+EXAMPLE_PROPERTIES: dict[str, dict[str, object]] = {
+    USER_INFO_REQUESTED: {"is_default_user": True, **EXAMPLE_HEADERS},
+    LOG_RECORDS_REQUESTED: {"task": "TextClassification", "records": 100},
+    SERVER_ERROR_FOUND: {"code": "rubrix.api.errors::EntityNotFoundError", **EXAMPLE_HEADERS},
+}
+# Shown as the anonymousId until the first delivery has created the installation id.
+ID_NOT_CREATED_YET = "(not created yet: the first delivery creates it)"
+
+
+def example_messages(anonymous_id: str) -> list[dict[str, Any]]:
+    """One message of each event, checked and encoded as a server's publisher does, read back
+    as a worker does and shaped as it sends them: exactly what would leave."""
+    events = [checked_wire_event((name, timestamp_us(), *(props[field] for field in EVENT_FIELDS[name])), sequence)
+              for sequence, (name, props) in enumerate(EXAMPLE_PROPERTIES.items())]
+    batch = message.read([], message.encode(platform_info(), new_message_id_prefix(), events))
+    assert batch.platform is not None and not batch.dropped, batch.dropped
+    return [segment_message(event, batch.platform, anonymous_id) for event in batch.events]
+
+
+def preview(settings: Settings) -> dict[str, Any]:
+    stored_id = stored_installation_id(settings.data_dir)
+    return {
+        "telemetry": "on" if settings.enabled else "off",
+        "decided_by": settings.decided_by,
+        "endpoint": settings.endpoint,
+        "installation_id": stored_id,
+        # This machine's, as its server sends them with every task message.
+        "platform": platform_info(),
+        "examples": example_messages(stored_id or ID_NOT_CREATED_YET),
+    }

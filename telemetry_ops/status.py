@@ -1,0 +1,257 @@
+"""`rubrix-telemetry status`: is telemetry on, does the broker answer, how many events wait,
+which workers consume the queue and with what settings, and what they have delivered,
+retried and dropped.
+
+The workers are asked, not guessed at: a Celery remote-control broadcast
+(`tasks.remote_status`) to which every worker on the broker answers with the settings of
+its own environment. The shell `status` runs in may have another endpoint, no write key,
+or another broker: only its broker URL and queue name are used, to know where to ask.
+
+Exit code 0 when healthy; otherwise 1, with one line on stderr per problem. Every wait has
+a hard deadline (a status command that hangs on a dead broker is useless), and neither
+the write key nor a broker password is ever printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+from rubrix_hooks.settings import Settings, embedded_broker_folders, load_settings, masked_url
+from tasks import counters
+
+T = TypeVar("T")
+
+# Seconds the broker check may take, connection and DNS included.
+STATUS_TIMEOUT = 3.0
+# Seconds from the start of the checks after which nothing more is waited for, so that the
+# whole command (interpreter start included) answers within 5 s even when nothing does.
+CHECKS_BUDGET = 4.0
+# The workers' answers: Celery waits this long after the last one for another; the whole
+# exchange is cut after WORKERS_DEADLINE. On the embedded queue a worker looks for new
+# messages once a second, so its answer comes after about one.
+WORKER_REPLY_WAIT = 1.5
+WORKERS_DEADLINE = 3.0
+# How often `status` itself looks for answers on the embedded queue (kombu's default: 1 s).
+EMBEDDED_POLLING_INTERVAL = 0.1
+# kombu's Redis transport: messages taken by a worker and not yet acknowledged (being
+# delivered, or held for a retry countdown) wait in this hash, not in the queue's list.
+REDIS_UNACKED_KEY = "unacked"
+
+
+def _within(timeout: float, name: str, work: Callable[[], T]) -> tuple[bool, T | None, BaseException | None]:
+    """Runs `work` for at most `timeout` seconds: (finished, its result, what it raised).
+
+    A daemon thread rather than socket timeouts alone: name resolution has no timeout,
+    and a broker that accepts connections and never answers can hold a client for ever.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # noqa: BLE001 (any failure is the answer we report)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return False, None, None
+    return True, outcome.get("result"), outcome.get("error")
+
+
+@dataclass
+class BrokerReport:
+    url: str
+    answers: bool = False
+    error: str | None = None
+    queue_depth: int | None = None  # messages waiting in the telemetry queue
+    unacked: int | None = None  # Redis only: messages workers hold (in delivery or awaiting a retry)
+    counts: dict[str, Any] | None = None
+    counts_error: str | None = None
+
+
+def _probe_redis(settings: Settings, report: BrokerReport) -> None:
+    client = counters.redis_client(settings.broker_url_or_default, STATUS_TIMEOUT)
+    client.ping()
+    report.answers = True
+    report.queue_depth = int(client.llen(settings.queue))
+    report.unacked = int(client.hlen(REDIS_UNACKED_KEY))
+    report.counts = counters.read_counts(settings, client)
+
+
+def _probe_embedded(settings: Settings, report: BrokerReport) -> None:
+    queue_folder = embedded_broker_folders(settings)["queue"]
+    if not queue_folder.is_dir():
+        raise FileNotFoundError(f"the embedded queue {queue_folder} does not exist yet: "
+                                "no server or worker with this RUBRIX_TELEMETRY_DATA_DIR has started")
+    if not os.access(queue_folder, os.R_OK | os.W_OK):
+        raise PermissionError(f"cannot read and write {queue_folder}")
+    report.answers = True
+    # kombu's filesystem transport names each message `<time>_<id>.<queue>.msg`.
+    ours = f"{settings.queue}.msg"
+    report.queue_depth = sum(1 for name in os.listdir(queue_folder) if name.partition(".")[2] == ours)
+    report.counts = counters.read_counts(settings)
+
+
+def _probe_other(settings: Settings, report: BrokerReport) -> None:
+    from kombu import Connection
+
+    with Connection(settings.broker_url_or_default, connect_timeout=STATUS_TIMEOUT) as connection:
+        connection.ensure_connection(max_retries=1)
+    report.answers = True
+    report.counts_error = f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker"
+
+
+def _without_password(text: str, url: str) -> str:
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerReport:
+    """Asks the broker, giving up after `timeout` seconds whatever it is stuck on."""
+    url = settings.broker_url_or_default
+    report = BrokerReport(url=masked_url(url))
+    probe: Callable[[Settings, BrokerReport], None]
+    if settings.uses_embedded_broker:
+        probe = _probe_embedded
+    elif urlsplit(url).scheme in counters.REDIS_SCHEMES:
+        probe = _probe_redis
+    else:
+        probe = _probe_other
+
+    finished, _, error = _within(timeout, "status-broker", lambda: probe(settings, report))
+    if not finished:
+        return BrokerReport(url=report.url, error=f"no answer within {timeout:g}s")
+    if isinstance(error, counters.CountsUnavailable):
+        report.counts_error = str(error)
+    elif error is not None:
+        report.error = _without_password(str(error) or type(error).__name__, url)
+    return report
+
+
+def ask_workers(settings: Settings, deadline: float) -> list[dict[str, Any]]:
+    """The workers' answers to the status command that came within `deadline` seconds, by name."""
+    from tasks.celery import app  # the workers' own broker configuration
+    from tasks.remote_status import STATUS_COMMAND
+
+    answers: list[dict[str, Any]] = []
+
+    def collect(reply: dict[str, Any]) -> None:
+        answers.extend({"name": name, **answer} for name, answer in reply.items() if isinstance(answer, dict))
+
+    def broadcast() -> None:
+        options = {"polling_interval": EMBEDDED_POLLING_INTERVAL} if settings.uses_embedded_broker else {}
+        with app.connection_for_write(transport_options=options) as connection:
+            app.control.broadcast(STATUS_COMMAND, connection=connection, reply=True, timeout=WORKER_REPLY_WAIT,
+                                  callback=collect)
+
+    # Each answer is kept as it arrives: the deadline cuts the wait, never what came in.
+    _within(deadline, "status-workers", broadcast)
+    return sorted(list(answers), key=lambda answer: answer["name"])
+
+
+@dataclass
+class Status:
+    telemetry_enabled: bool
+    decided_by: str
+    endpoint: str  # this shell's settings: each worker reports its own in `workers`
+    write_key_set: bool
+    queue: str
+    broker: BrokerReport
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    @property
+    def consuming(self) -> list[dict[str, Any]]:
+        return [worker for worker in self.workers if self.queue in worker.get("queues", [])]
+
+
+def collect_status(settings: Settings) -> Status:
+    started = time.monotonic()
+    status = Status(telemetry_enabled=settings.enabled, decided_by=settings.decided_by,
+                    endpoint=settings.endpoint, write_key_set=bool(settings.write_key),
+                    queue=settings.queue, broker=probe_broker(settings))
+    if status.broker.answers:
+        remaining = CHECKS_BUDGET - (time.monotonic() - started)
+        status.workers = ask_workers(settings, max(1.0, min(WORKERS_DEADLINE, remaining)))
+    # Switched off here, nothing is expected to flow: what broker and workers say is information only.
+    if settings.enabled:
+        if not status.broker.answers:
+            status.problems.append(f"the broker {status.broker.url} does not answer: {status.broker.error}")
+        elif not status.consuming:
+            status.problems.append(
+                f"no worker consumes the queue {settings.queue!r} on {status.broker.url}: start one "
+                f"(celery -A tasks worker -Q {settings.queue} -E -l INFO) with the same RUBRIX_TELEMETRY_BROKER_URL")
+        status.problems.extend(f"worker {worker['name']} cannot deliver: {worker['problem']}"
+                               for worker in status.consuming if worker.get("problem"))
+    return status
+
+
+def _as_json(status: Status) -> str:
+    document = {"healthy": status.healthy, "problems": status.problems,
+                "telemetry": {"enabled": status.telemetry_enabled, "decided_by": status.decided_by},
+                "broker": {key: value for key, value in asdict(status.broker).items()
+                           if key not in ("queue_depth", "unacked", "counts", "counts_error")},
+                "queue": {"name": status.queue, "depth": status.broker.queue_depth,
+                          "unacked": status.broker.unacked},
+                "endpoint": status.endpoint, "write_key_set": status.write_key_set,
+                "counts": status.broker.counts, "counts_error": status.broker.counts_error,
+                "workers": status.workers}
+    return json.dumps(document, indent=2, ensure_ascii=False)
+
+
+def _worker_line(worker: dict[str, Any], queue: str) -> str:
+    switch = worker.get("telemetry", {})
+    state = "on" if switch.get("enabled") else "OFF"
+    consumes = "" if queue in worker.get("queues", []) else f" (does not consume {queue!r})"
+    line = (f"  {worker['name']}: telemetry {state} (decided by {switch.get('decided_by')}), "
+            f"queues {', '.join(worker.get('queues', [])) or 'none'}{consumes}, "
+            f"endpoint {worker.get('endpoint')} (write key {'set' if worker.get('write_key_set') else 'not set'}), "
+            f"concurrency {worker.get('concurrency')}, "
+            f"Celery {worker.get('celery_version')}, kombu {worker.get('kombu_version')}")
+    return line + (f"; CANNOT DELIVER: {worker['problem']}" if worker.get("problem") else "")
+
+
+def _as_text(status: Status) -> str:
+    broker = status.broker
+    lines = [
+        f"telemetry:  {'on' if status.telemetry_enabled else 'off'} (decided by {status.decided_by})",
+        f"broker:     {broker.url} ({'answers' if broker.answers else 'does not answer: ' + str(broker.error)})",
+    ]
+    if broker.queue_depth is not None:
+        held = f", {broker.unacked} held by workers" if broker.unacked is not None else ""
+        lines.append(f"queue:      {status.queue}: {broker.queue_depth} waiting{held}")
+    if broker.answers:
+        lines.append(f"workers:    {len(status.consuming)} consuming {status.queue!r}, "
+                     f"{len(status.workers)} answering in all")
+        lines.extend(_worker_line(worker, status.queue) for worker in status.workers)
+    counts = broker.counts
+    if counts is not None:
+        lines.append(f"delivered:  {counts['delivered']}")
+        lines.append(f"retried:    {counts['retried']}")
+        lines.append(f"dropped:    {sum(counts['dropped'].values())}")
+        lines.extend(f"  {n:>8}  {reason}" for reason, n in counts["dropped"].items())
+    elif broker.counts_error:
+        lines.append(f"counts:     unavailable ({broker.counts_error})")
+    lines.append(f"status:     {'healthy' if status.healthy else 'UNHEALTHY'}")
+    return "\n".join(lines)
+
+
+def run_status(json_output: bool) -> int:
+    status = collect_status(load_settings())
+    print(_as_json(status) if json_output else _as_text(status))
+    for problem in status.problems:
+        print(f"rubrix-telemetry: unhealthy: {problem}", file=sys.stderr)
+    return 0 if status.healthy else 1
