@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 OFF_VALUES = frozenset({"0", "false", "no", "off"})
 SEGMENT_ENDPOINT = "https://api.segment.io"
+# The URL scheme of the embedded on-disk queue (rubrix_hooks/embedded_queue.py).
+EMBEDDED_SCHEME = "embedded"
 
 
 class ConfigurationError(ValueError):
@@ -51,7 +53,7 @@ class Settings:
 
     @property
     def broker_url_or_default(self) -> str:
-        return self.broker_url or "filesystem://localhost//"
+        return self.broker_url or f"{EMBEDDED_SCHEME}://localhost//"
 
     @property
     def is_segment(self) -> bool:
@@ -111,10 +113,11 @@ def _http_url(raw: str) -> str:
     return raw.rstrip("/")
 
 
-def _broker_url(raw: str) -> str:
+def _broker_url(raw: str) -> str | None:
     if "://" not in raw:
         raise ValueError
-    return raw
+    # `status` shows the default queue as embedded://localhost//: set, that URL means the default.
+    return None if urlsplit(raw).scheme == EMBEDDED_SCHEME else raw
 
 
 def _check_broker_scheme(url: str) -> None:
@@ -182,6 +185,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """kombu transport options shared by the server's publisher and the workers."""
     if settings.uses_embedded_broker:
+        # Both sides build their broker connection right after this call: kombu must know the
+        # embedded scheme by then (imported only now: a server without events never loads kombu).
+        from rubrix_hooks import embedded_queue
+
+        embedded_queue.register()
         folders = embedded_broker_folders(settings)
         for folder in folders.values():  # kombu's filesystem transport expects them to exist
             folder.mkdir(parents=True, exist_ok=True)
@@ -189,8 +197,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),
             "control_folder": str(folders["control"]),
-            "processed_folder": str(folders["processed"]),
-            "store_processed": False,
+            "unacked_folder": str(folders["unacked"]),
         }
     return {
         "visibility_timeout": settings.visibility_timeout,
@@ -208,7 +215,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 def embedded_broker_folders(settings: Settings) -> dict[str, Path]:
     """Where the embedded queue keeps its files; creates nothing (`status` only reads)."""
     root = settings.data_dir / "broker"
-    return {name: root / name for name in ("queue", "control", "processed")}
+    return {name: root / name for name in ("queue", "control", "unacked")}
 
 
 def masked_url(url: str) -> str:

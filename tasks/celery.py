@@ -45,8 +45,11 @@ app.conf.update(
     result_serializer="json",
     event_serializer="json",
     accept_content=["json"],
-    # The message leaves Redis only once the backend has the events (or they were dropped
-    # for good); a worker that dies mid-delivery hands its message to another one.
+    # The message leaves the broker only once the backend has the events (or they were
+    # dropped for good). A worker that dies mid-delivery hands its message to another one:
+    # Redis after the visibility timeout; the embedded queue at the next worker's start or
+    # within seconds (rubrix_hooks/embedded_queue.py: kombu's own filesystem transport
+    # deletes a message as it is taken, and acks_late alone does not bring it back).
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,

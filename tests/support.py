@@ -34,7 +34,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 
 # Our runtime dependencies, for the environments the tests build: the project itself comes
 # from PYTHONPATH, so a cached environment does not depend on where this checkout lives.
-RUNTIME_DEPENDENCIES = ["celery[redis]>=5.3,<6", "requests>=2.28"]
+RUNTIME_DEPENDENCIES = ["celery[redis]>=5.7,<6", "requests>=2.28"]
 
 
 def cached_venv(name: str, python: str, installs: list[list[str]], fingerprint: str = "") -> Path:
@@ -389,9 +389,11 @@ def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return {message["messageId"]: message for message in messages}
 
 
-def publish_events(count: int, queue: str, broker_url: str | None = None) -> list[dict[str, Any]]:
+def publish_events(count: int, queue: str, broker_url: str | None = None, embedded_data_dir: Path | None = None,
+                   events_per_task: int | None = None) -> list[dict[str, Any]]:
     """`count` valid LogRecordsRequested events put on `queue` by the server's own publisher
-    (settings.events_per_task per task message); returns them as a worker reads them back."""
+    (settings.events_per_task per task message), on the embedded queue in `embedded_data_dir`
+    when given; returns them as a worker reads them back."""
     from dataclasses import replace
 
     from rubrix_hooks import message
@@ -401,7 +403,10 @@ def publish_events(count: int, queue: str, broker_url: str | None = None) -> lis
 
     settings = load_settings()
     settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,
-                       buffer_size=max(count, settings.buffer_size))
+                       buffer_size=max(count, settings.buffer_size),
+                       events_per_task=events_per_task or settings.events_per_task)
+    if embedded_data_dir is not None:
+        settings = replace(settings, broker_url=None, data_dir=embedded_data_dir)
     sent: list[dict[str, Any]] = []
     sender = CeleryBatchSender(settings)
 
@@ -428,13 +433,18 @@ class Children:
         self.started: list[WorkerProcess | ServerProcess] = []
 
     def worker(self, queue: str, endpoint: str, broker_url: str | None = None, ready: bool = True,
-               **settings: str) -> WorkerProcess:
-        """`celery -A tasks worker -Q queue` delivering to `endpoint`; settings: BACKOFF_MAX="2", ..."""
+               embedded_data_dir: Path | None = None, extra_args: Iterable[str] = (),
+               env: dict[str, str] | None = None, **settings: str) -> WorkerProcess:
+        """`celery -A tasks worker -Q queue` delivering to `endpoint`; settings: BACKOFF_MAX="2", ...;
+        on the embedded queue in `embedded_data_dir` when given; `env`: other variables."""
+        broker: dict[str, str | None] = {"RUBRIX_TELEMETRY_BROKER_URL": broker_url} if broker_url else {}
+        if embedded_data_dir is not None:
+            broker = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(embedded_data_dir)}
         env = child_environment(
-            RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=endpoint,
-            **({"RUBRIX_TELEMETRY_BROKER_URL": broker_url} if broker_url else {}),
+            RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=endpoint, **broker, **(env or {}),
             **{f"RUBRIX_TELEMETRY_{name.upper()}": value for name, value in settings.items()})
-        worker = WorkerProcess(env, self.folder / f"worker-{len(self.started)}.log", queue=queue)
+        worker = WorkerProcess(env, self.folder / f"worker-{len(self.started)}.log", queue=queue,
+                               extra_args=extra_args)
         self.started.append(worker)
         if ready:
             worker.wait_ready()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.es_standin import ElasticsearchStandIn
-from tests.support import RUNTIME_DEPENDENCIES, REPO_ROOT, cached_venv, child_environment, free_port, wait_until
+from tests.support import (RUNTIME_DEPENDENCIES, REPO_ROOT, cached_venv, child_environment, free_port, pyenv_pythons,
+                           wait_until)
 
 REQUIREMENTS = REPO_ROOT / "requirements" / "rubrix-0.18-server.txt"
 CANARY = "canary-9d41"
@@ -25,11 +26,25 @@ CANARY = "canary-9d41"
 pytestmark = pytest.mark.slow
 
 
+def rubrix_base_python() -> str:
+    """The CPython 3.11 to build Rubrix's environment with, whichever Python runs the tests.
+
+    The requirements file is pinned for 3.11 (scipy 1.17 has no build for 3.10; numpy 1.26 and
+    pandas 1.5 none for 3.13): under nox, which runs the suite on the oldest and the newest
+    supported Python, the server still runs on 3.11, pyenv's.
+    """
+    if sys.version_info[:2] == (3, 11):
+        return sys.executable
+    found = pyenv_pythons().get((3, 11))
+    assert found, "Rubrix 0.18's environment needs CPython 3.11, from pyenv when the tests run on another"
+    return found
+
+
 @pytest.fixture(scope="session")
 def rubrix_python() -> Path:
     # Rubrix's declared pins do not build on Python 3.11: install it without them, then the
     # server's real requirements. The requirements file's content is part of the cache key.
-    return cached_venv("rubrix-0.18", sys.executable, [
+    return cached_venv("rubrix-0.18", rubrix_base_python(), [
         ["--no-deps", "rubrix==0.18.0"],
         ["-r", str(REQUIREMENTS)],
         RUNTIME_DEPENDENCIES,

@@ -16,7 +16,7 @@ from tests.support import REPO_ROOT, child_environment
 def test_defaults_use_the_embedded_broker_and_segment():
     settings = load_settings({})
     assert settings.enabled and settings.decided_by == "default"
-    assert settings.uses_embedded_broker and settings.broker_url_or_default.startswith("filesystem://")
+    assert settings.uses_embedded_broker and settings.broker_url_or_default.startswith("embedded://")
     assert settings.endpoint == "https://api.segment.io" and settings.is_segment
     assert settings.queue == "telemetry" and settings.write_key is None
 
@@ -69,6 +69,11 @@ def test_bad_value_stops_start_up_with_a_clear_error(command):
                                  "filesystem://localhost//", "memory://"])
 def test_every_broker_scheme_kombu_knows_is_accepted(url):
     assert load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url}).broker_url == url
+
+
+def test_the_embedded_queues_url_means_the_default():
+    settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "embedded://localhost//"})
+    assert settings.uses_embedded_broker and settings.broker_url_or_default == "embedded://localhost//"
 
 
 @pytest.mark.parametrize("url", ["foo://x", "redis-cluster://h:7000", "http://h:6379/0"])

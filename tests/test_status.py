@@ -169,7 +169,7 @@ def test_no_worker_is_unhealthy_within_five_seconds(redis_server, tmp_path, brok
         env = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(tmp_path / "data")}
         report, _ = run_hook_client(child_environment(**env), count=1)  # a server has used the queue
         assert report["flushed"]
-        url = "filesystem://localhost//"
+        url = "embedded://localhost//"
     run = status(**env)
     assert run.seconds < 5
     assert run.code == 1
@@ -191,7 +191,7 @@ def test_server_and_worker_on_different_brokers_no_worker_consumes_the_servers_q
     assert in_server_shell.code == 1 and in_server_shell.document["workers"] == []
     assert in_server_shell.document["queue"]["depth"] == 2  # waiting for a worker that is elsewhere
     assert in_server_shell.stderr == (
-        f"rubrix-telemetry: unhealthy: {no_worker_problem('telemetry', 'filesystem://localhost//')}\n")
+        f"rubrix-telemetry: unhealthy: {no_worker_problem('telemetry', 'embedded://localhost//')}\n")
     assert in_worker_shell.code == 0 and len(in_worker_shell.document["workers"]) == 1
     assert backend.requests == []  # nothing was delivered
 
@@ -235,8 +235,8 @@ def test_embedded_broker_queue_depth_and_counts_shared_by_worker_and_status(back
     assert report["flushed"]
     waiting = status("--json", **embedded)
     assert waiting.code == 1 and waiting.document["problems"] == [no_worker_problem("telemetry",
-                                                                                     "filesystem://localhost//")]
-    assert waiting.document["broker"]["url"].startswith("filesystem://")
+                                                                                     "embedded://localhost//")]
+    assert waiting.document["broker"]["url"].startswith("embedded://")
     assert waiting.document["queue"]["depth"] == 2
 
     with running_worker(env, tmp_path / "worker.log") as worker:

@@ -27,7 +27,7 @@ RUBRIX_VERSION = "0.18.0"
 @pytest.fixture(scope="session")
 def server_python() -> str:
     here = sys.version_info[:2]
-    others = {minor: python for minor, python in pyenv_pythons().items() if minor != here and minor >= (3, 9)}
+    others = {minor: python for minor, python in pyenv_pythons().items() if minor != here and minor >= (3, 10)}
     if not others:
         pytest.skip("no other CPython from pyenv on this machine")
     python = others[max(others)]
