@@ -1,6 +1,6 @@
 """The scale-out soak (issue 10): 2 servers, 3 workers, a worker SIGKILLed midway; nothing lost.
 
-    python -m bench.soak --broker redis|rabbitmq [--rate 10000] [--seconds 60] [--out FILE]
+    python -m bench.soak --broker redis|rabbitmq [--rate 10000] [--seconds 60] [--out FILE] [--logs DIR]
 
 Two server processes (bench/soak_server.py) fire `track_bulk` through the real hooks and
 publisher, each at rate/2 events per second, every event told apart by its `records`
@@ -89,6 +89,7 @@ class SoakSink(Sink):
         self.same_id_duplicates = 0  # the backend de-duplicates these
         self.other_id_duplicates = 0  # an event sent twice under two ids: counted twice by the backend
         self.unidentified = 0
+        self.duplicated: list[tuple[int, float]] = []  # (records, arrival) of each repeat
         self.discarded_posts = 0
         self.discarded_events = 0
         self._answering = threading.Event()
@@ -143,6 +144,7 @@ class SoakSink(Sink):
                 if first is not message_id:
                     if first == message_id:
                         self.same_id_duplicates += 1
+                        self.duplicated.append((records, time.time()))
                     else:
                         self.other_id_duplicates += 1
 
@@ -241,9 +243,11 @@ def _finished_report(child: Child, timeout: float) -> dict[str, Any]:
         raise SoakError(str(error).splitlines()[0] + f" (log: {child.log_path})") from None
 
 
-def run_soak(broker_url: str, plan: Plan, folder: Path, broker_pid: int | None = None) -> dict[str, Any]:
-    """Runs the soak against the broker at `broker_url`; returns its figures (see `summarize`)."""
-    logs = folder / "logs"
+def run_soak(broker_url: str, plan: Plan, folder: Path, broker_pid: int | None = None,
+             logs: Path | None = None) -> dict[str, Any]:
+    """Runs the soak against the broker at `broker_url`; returns its figures (see `summarize`).
+    The children's logs go to `logs` (default: `folder`/logs)."""
+    logs = logs or folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     sink = SoakSink()
     env = telemetry_env(folder / "data", RUBRIX_TELEMETRY_BROKER_URL=broker_url,
@@ -282,23 +286,24 @@ def run_soak(broker_url: str, plan: Plan, folder: Path, broker_pid: int | None =
             for child in servers + [worker["child"] for worker in workers]:
                 child.check_alive()
             time.sleep(min(0.5, max(0.0, kill_at - time.monotonic())))
+        held_at = time.monotonic()
         in_flight = sink.hold(plan.workers, HOLD_TIMEOUT)
         killed_at = time.time()
         retire(workers[0], signal.SIGKILL)
         sink.release()
-        kill = {"at_s": round(time.monotonic() - began, 1), "posts_in_flight": in_flight}
+        kill = {"at_s": round(time.monotonic() - began, 1), "posts_in_flight": in_flight,
+                "answers_held_s": round(time.monotonic() - held_at, 2)}
         add_worker()
 
         reports = [_finished_report(server, timeout=plan.seconds * 4 + 60) for server in servers]
         fired = sum(report["fired"] for report in reports)
-        servers_done = time.time()
         drained = sink.wait_for_count(fired, timeout=plan.drain_timeout)
         sink.wait_quiet(quiet=2, timeout=10)  # late duplicates of a redelivered message
         for worker in workers:
             if not worker["killed"]:
                 retire(worker, signal.SIGTERM)
         broker_cpu = cpu_seconds(broker_pid) - broker_cpu_before if broker_pid else None
-        return summarize(plan, sink, reports, workers, kill, killed_at, servers_done, drained, broker_cpu)
+        return summarize(plan, sink, reports, workers, kill, killed_at, drained, broker_cpu)
     finally:
         sink.release()
         for child in servers + [worker["child"] for worker in workers]:
@@ -309,7 +314,7 @@ def run_soak(broker_url: str, plan: Plan, folder: Path, broker_pid: int | None =
 
 
 def summarize(plan: Plan, sink: SoakSink, reports: list[dict[str, Any]], workers: list[dict[str, Any]],
-              kill: dict[str, Any], killed_at: float, servers_done: float, drained: bool,
+              kill: dict[str, Any], killed_at: float, drained: bool,
               broker_cpu: float | None) -> dict[str, Any]:
     fired = sum(report["fired"] for report in reports)
     expected = {report["index"] * RECORDS_STRIDE + n for report in reports for n in range(report["fired"])}
@@ -318,8 +323,9 @@ def summarize(plan: Plan, sink: SoakSink, reports: list[dict[str, Any]], workers
     arrivals = sink.arrivals()
     delays_ms = [(at - stamped) * 1000 for at, stamped in arrivals if stamped is not None]
     first_fire = min(report["started"] for report in reports)
-    firing_s = max(report["started"] + report["elapsed"] for report in reports) - first_fire
-    last_arrival = max((at for at, _ in arrivals), default=servers_done)
+    last_fire = max(report["started"] + report["elapsed"] for report in reports)
+    firing_s = last_fire - first_fire
+    last_arrival = max((at for at, _ in arrivals), default=last_fire)
     # Events fired before the kill and arriving long after it: the killed worker's message,
     # redelivered (on Redis once the visibility timeout has passed).
     return {
@@ -331,10 +337,11 @@ def summarize(plan: Plan, sink: SoakSink, reports: list[dict[str, Any]], workers
         "lost": len(lost),
         "lost_examples": [list(event_of(records)) for records in lost[:5]],
         "duplicates_same_message_id": sink.same_id_duplicates,
+        "duplicates_by_second": _duplicates_by_second(sink, killed_at),
         "duplicates_other_message_id": sink.other_id_duplicates,
         "unexpected": len(arrived - expected) + sink.unidentified,
         "drained": drained,
-        "drain_seconds": round(max(0.0, last_arrival - servers_done), 2),
+        "drain_seconds": round(max(0.0, last_arrival - last_fire), 2),
         "delivered_per_s": round(len(arrived & expected) / max(last_arrival - first_fire, 1e-6), 1),
         "latency_ms": {key: round(value, 1) for key, value in p50_p99(delays_ms).items()},
         "latency_max_ms": round(max(delays_ms, default=0.0), 1),
@@ -352,6 +359,18 @@ def summarize(plan: Plan, sink: SoakSink, reports: list[dict[str, Any]], workers
                      if worker["cpu_s"] is not None else None} for worker in workers],
         "broker_cpu_s": round(broker_cpu, 2) if broker_cpu is not None else None,
     }
+
+
+def _duplicates_by_second(sink: SoakSink, killed_at: float) -> dict[str, dict[str, Any]]:
+    """Repeated arrivals grouped by when they arrived (seconds from the kill): which
+    events, so that each can be traced to a redelivery or a re-publish in the logs."""
+    groups: dict[str, dict[str, Any]] = {}
+    for records, at in sink.duplicated:
+        group = groups.setdefault(f"{at - killed_at:+.0f}", {"count": 0, "events": set()})
+        group["count"] += 1
+        group["events"].add(event_of(records))
+    return {second: {"count": group["count"], "first": list(min(group["events"])),
+                     "last": list(max(group["events"]))} for second, group in sorted(groups.items())}
 
 
 def _recovered_after(sink: SoakSink, killed_at: float) -> float | None:
@@ -387,7 +406,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("duplicates, other messageId", str(result["duplicates_other_message_id"])),
         ("latency p50 / p99 / max", f"{result['latency_ms']['p50']} / {result['latency_ms']['p99']} / "
                                     f"{result['latency_max_ms']} ms"),
-        ("drain after servers stopped", f"{result['drain_seconds']} s"),
+        ("last arrival after last fire", f"{result['drain_seconds']} s"),
         ("kill", f"at {result['kill']['at_s']} s, {result['kill']['posts_in_flight']} POSTs in flight, "
                  f"the killed worker's discarded ({result['kill']['events_discarded']} events); "
                  f"events fired before it all in {result['kill']['recovered_s']} s"),
@@ -408,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", choices=sorted(BROKERS), required=True)
     parser.add_argument("--rate", type=float, default=Plan.rate, help="events per second, all servers together")
     parser.add_argument("--seconds", type=float, default=Plan.seconds, help="how long the servers fire")
+    parser.add_argument("--logs", type=Path, help="keep the servers' and workers' logs in this folder")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here "
                                                  "(default: rubrix-soak-BROKER.json in the temp folder)")
     args = parser.parse_args(argv)
@@ -425,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="rubrix-soak-") as workdir, \
                 BROKERS[args.broker](Path(workdir)) as (url, broker):
-            result = run_soak(url, plan, Path(workdir), broker_pid=broker.pop("pid"))
+            result = run_soak(url, plan, Path(workdir), broker_pid=broker.pop("pid"), logs=args.logs)
     except (SoakError, RuntimeError) as error:  # RuntimeError: a child of bench.infra failed
         print(f"bench.soak: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
