@@ -23,7 +23,6 @@ The machine's cores are shared: the report gives the rate the servers really sus
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -47,6 +46,7 @@ from bench.payload import WRITE_KEY
 from bench.sink import ANSWER, Sink
 from bench.soak_server import RECORDS_STRIDE, event_of
 from bench.stats import p50_p99
+from telemetry_ops.cli import OneLineParser
 
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
 # The longest a POST is held while the soak waits for every worker to have one in flight:
@@ -283,8 +283,11 @@ def run_soak(broker_url: str, plan: Plan, folder: Path, broker_pid: int | None =
         # Midway: catch every worker with a POST in flight, kill one of them right then.
         kill_at = began + plan.seconds / 2
         while time.monotonic() < kill_at:
-            for child in servers + [worker["child"] for worker in workers]:
+            for child in [worker["child"] for worker in workers]:
                 child.check_alive()
+            for child in servers:
+                if child.process.poll():  # a server that ended early with 0 is reported later
+                    child.check_alive()
             time.sleep(min(0.5, max(0.0, kill_at - time.monotonic())))
         held_at = time.monotonic()
         in_flight = sink.hold(plan.workers, HOLD_TIMEOUT)
@@ -326,8 +329,6 @@ def summarize(plan: Plan, sink: SoakSink, reports: list[dict[str, Any]], workers
     last_fire = max(report["started"] + report["elapsed"] for report in reports)
     firing_s = last_fire - first_fire
     last_arrival = max((at for at, _ in arrivals), default=last_fire)
-    # Events fired before the kill and arriving long after it: the killed worker's message,
-    # redelivered (on Redis once the visibility timeout has passed).
     return {
         "plan": asdict(plan),
         "fired": fired,
@@ -423,7 +424,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", choices=sorted(BROKERS), required=True)
     parser.add_argument("--rate", type=float, default=Plan.rate, help="events per second, all servers together")
     parser.add_argument("--seconds", type=float, default=Plan.seconds, help="how long the servers fire")
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.touch()
     except OSError as error:
-        print(f"bench.soak: cannot write --out {out}: {error.strerror}", file=sys.stderr)
+        print(f"python -m bench.soak: cannot write --out {out}: {error.strerror}", file=sys.stderr)
         return 1
     where = machine()
     try:
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 BROKERS[args.broker](Path(workdir)) as (url, broker):
             result = run_soak(url, plan, Path(workdir), broker_pid=broker.pop("pid"), logs=args.logs)
     except (SoakError, RuntimeError) as error:  # RuntimeError: a child of bench.infra failed
-        print(f"bench.soak: {str(error).splitlines()[0]}", file=sys.stderr)
+        print(f"python -m bench.soak: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1
     command = " ".join(["python -m bench.soak", *(sys.argv[1:] if argv is None else argv)])
     result = {"broker": broker, "machine": where, "command": command,
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     print(f"figures: {out}")
     if not result["passed"]:
-        print("bench.soak: events were lost or sent twice under two ids (see the table)", file=sys.stderr)
+        print("python -m bench.soak: events were lost or sent twice under two ids (see the table)", file=sys.stderr)
         return 1
     return 0
 
