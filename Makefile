@@ -3,7 +3,7 @@
 # without wrk the load comes from bench/loadgen.py.
 PYTHON ?= python3
 
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke soak
 
 # Full run, about three minutes: prints the table and writes bench/results.json.
 bench:
@@ -13,3 +13,10 @@ bench:
 # temporary folder (never over bench/results.json). The test suite runs it too.
 bench-smoke:
 	$(PYTHON) -m bench --quick
+
+# The scale-out soak (docs/reliability.md): 2 servers, 3 workers, 10,000 events/s for
+# 60 s, one worker SIGKILLed midway; BROKER=redis (its own redis-server) or rabbitmq
+# (the machine's, in a vhost of its own).
+BROKER ?= redis
+soak:  # make soak BROKER=rabbitmq
+	$(PYTHON) -m bench.soak --broker $(BROKER)

@@ -102,11 +102,11 @@ class Child:
 
 
 class Redis:
-    """A redis-server of the bench's own (free port, temporary folder, no persistence): the
-    test suite's, so that both start it the same way."""
+    """A redis-server of the bench's own (free port, temporary folder; no persistence unless
+    `appendonly`): the test suite's, so that both start it the same way."""
 
-    def __init__(self, folder: Path) -> None:
-        self.server = RedisServer(port=free_port(), folder=folder, appendonly=False)
+    def __init__(self, folder: Path, appendonly: bool = False) -> None:
+        self.server = RedisServer(port=free_port(), folder=folder, appendonly=appendonly)
         self.server.start()
         self.port = self.server.port
         self.url = self.server.url
@@ -135,7 +135,7 @@ def start_worker(env: dict[str, str], logs: Path, name: str = "worker") -> Child
     worker = Child(name, ["nice", "-n", WORKER_NICENESS, sys.executable, "-m", "celery", "-A", "tasks", "worker",
                           "-Q", TELEMETRY_QUEUE,
                           "--pool", "solo", "--without-mingle", "--without-gossip", "-l", "WARNING",
-                          "-n", f"bench-{os.getpid()}@%h"], env, logs)
+                          "-n", f"bench-{os.getpid()}-{name}@%h"], env, logs)
     # At WARNING (INFO would log two lines per task) there is no " ready." line: wait for
     # the banner, then the caller sends a probe event through the pipeline.
     if not wait_until(lambda: "[queues]" in worker.log() or worker.process.poll() is not None, timeout=30):
