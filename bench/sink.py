@@ -17,6 +17,8 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from telemetry_ops.collector import decoded_body
+
 ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n"
           b'{"success":true}')
 
@@ -63,7 +65,7 @@ class Sink:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:
-                    sink._note(json.loads(body))
+                    sink._note(json.loads(decoded_body(body, self.headers.get("Content-Encoding"))))
                 except ValueError:
                     pass
                 self.wfile.write(ANSWER)

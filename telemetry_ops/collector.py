@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import zlib
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,32 @@ log = logging.getLogger("telemetry_ops.collector")
 
 # Larger than Segment's 500 KB batch limit, so that an oversized batch is seen, not cut.
 MAX_BODY_BYTES = 4 << 20
+# What a gzip body may grow to once decompressed: Segment's limits are 500 KB per batch, so
+# this is generous, and it keeps a small "gzip bomb" from filling the collector's memory.
+MAX_DECODED_BYTES = 16 << 20
+
+
+class UndecodableBody(ValueError):
+    """A body whose Content-Encoding we cannot undo (unknown, corrupt, or too large decoded)."""
+
+
+def decoded_body(raw: bytes, content_encoding: str | None) -> bytes:
+    """The request body with its Content-Encoding (none or gzip, as Segment accepts) undone."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding != "gzip":
+        raise UndecodableBody(f"unsupported Content-Encoding {encoding!r}")
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16: expect the gzip header
+    try:
+        plain = decompressor.decompress(raw, MAX_DECODED_BYTES)
+    except zlib.error:
+        raise UndecodableBody("corrupt gzip body") from None
+    if decompressor.unconsumed_tail:
+        raise UndecodableBody("gzip body too large once decompressed")
+    if not decompressor.eof:
+        raise UndecodableBody("truncated gzip body")
+    return plain
 
 
 @dataclass
@@ -115,8 +142,8 @@ class Collector:
                     return
                 raw = self.rfile.read(length)
                 try:
-                    body = json.loads(raw)
-                except ValueError:
+                    body = json.loads(decoded_body(raw, self.headers.get("Content-Encoding")))
+                except ValueError:  # UndecodableBody too: a 400, as for a body that is not JSON
                     body = None
                 status, headers = 200, {}
                 if collector.responder is not None:

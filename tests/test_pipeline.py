@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import base64
 import uuid
 from datetime import datetime, timezone
@@ -124,3 +125,33 @@ def test_str_enum_task_is_sent_as_its_value(pipeline):
 
     fire(track_bulk(TaskType.text_classification, 9))
     assert received(pipeline, 1)[0]["properties"]["task"] == "TextClassification"
+
+
+def test_delivery_bodies_are_gzip_compressed_and_decode_to_the_messages(pipeline):
+    fire(track_bulk("Text2Text", 5), track_login(FakeRequest({"user-agent": "gzip-test/1"}), username="rubrix"))
+    received(pipeline, 2)
+    for request in pipeline.requests:
+        assert request.headers.get("Content-Encoding") == "gzip"
+        assert request.status == 200 and request.messages  # decoded, parsed, accepted
+
+
+@pytest.mark.parametrize("encoding, body, status", [
+    (None, b'{"batch": []}', 200),
+    ("gzip", gzip.compress(b'{"batch": []}'), 200),
+    ("gzip", gzip.compress(b'{"batch": []}')[:-9], 400),        # truncated
+    ("gzip", b"not gzip at all", 400),
+    ("gzip", gzip.compress(b" " * (20 << 20)), 400),           # 20 MB once decompressed
+    ("br", b'{"batch": []}', 400),
+])
+def test_the_collector_undoes_gzip_and_refuses_what_it_cannot_decode(backend, encoding, body, status):
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Content-Encoding": encoding} if encoding else {})}
+    request = urllib.request.Request(backend.url + "/v1/batch", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answered = response.status
+    except urllib.error.HTTPError as error:
+        answered = error.code
+    assert answered == status
