@@ -7,15 +7,21 @@ hooks, `celery -A tasks worker`, any `rubrix-telemetry` command), never later.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
-OFF_VALUES = frozenset({"0", "false", "no", "off"})
+log = logging.getLogger("rubrix_hooks.settings")
+
+# The spellings pydantic's bool accepted for Rubrix 0.18's RUBRIX_ENABLE_TELEMETRY (any case,
+# surrounding spaces ignored); DO_NOT_TRACK, the cross-tool convention, reads the same way.
+TRUE_VALUES = ("1", "true", "t", "yes", "y", "on")
+FALSE_VALUES = ("0", "false", "f", "no", "n", "off")
 SEGMENT_ENDPOINT = "https://api.segment.io"
 # The URL scheme of the embedded on-disk queue (rubrix_hooks/embedded_queue.py).
 EMBEDDED_SCHEME = "embedded"
@@ -46,6 +52,9 @@ class Settings:
     max_retry_duration: float
     visibility_timeout: float
     http_timeout: float
+    # Set when a switch variable holds a value that is neither true nor false: telemetry is
+    # then off, and this is the one line that says why (logged at start; CLI exit 1).
+    switch_error: str | None = None
 
     @property
     def uses_embedded_broker(self) -> bool:
@@ -61,16 +70,57 @@ class Settings:
         return host == "segment.io" or host.endswith((".segment.io", ".segment.com"))
 
 
-def telemetry_switch(environ: Mapping[str, str]) -> tuple[bool, str]:
-    """Whether telemetry is on, and the variable that decided it."""
-    enable = environ.get("RUBRIX_ENABLE_TELEMETRY")
-    if enable is not None and enable.strip().lower() in OFF_VALUES:
-        return False, "RUBRIX_ENABLE_TELEMETRY"
-    if environ.get("DO_NOT_TRACK", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return False, "DO_NOT_TRACK"
-    if enable is not None and enable.strip():
-        return True, "RUBRIX_ENABLE_TELEMETRY"
-    return True, "default"
+class Switch(NamedTuple):
+    enabled: bool
+    # The variable that decided: "RUBRIX_ENABLE_TELEMETRY", "DO_NOT_TRACK" or "default".
+    decided_by: str
+    error: str | None = None
+
+
+def _switch_value(environ: Mapping[str, str], name: str) -> bool | str | None:
+    """True or False for a true or false spelling, None when unset or empty, else the raw value."""
+    raw = environ.get(name)
+    value = (raw or "").strip().lower()
+    if not value:
+        return None
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    return raw
+
+
+def telemetry_switch(environ: Mapping[str, str]) -> Switch:
+    """Whether telemetry is on, the variable that decided, and why when a value was not understood.
+
+    One rule for server and worker: RUBRIX_ENABLE_TELEMETRY false, or DO_NOT_TRACK true, is
+    off. A value of either that is neither true nor false is off too, with an error naming
+    it: an opt-out with a typo must never leave telemetry on.
+    """
+    enable = _switch_value(environ, "RUBRIX_ENABLE_TELEMETRY")
+    do_not_track = _switch_value(environ, "DO_NOT_TRACK")
+    if enable is False:
+        return Switch(False, "RUBRIX_ENABLE_TELEMETRY")
+    for name, value in (("RUBRIX_ENABLE_TELEMETRY", enable), ("DO_NOT_TRACK", do_not_track)):
+        if isinstance(value, str):
+            return Switch(False, name, f"{name}={value!r} is neither true nor false, so telemetry is OFF; "
+                                       f"accepted (any case): {'/'.join(TRUE_VALUES)} or {'/'.join(FALSE_VALUES)}")
+    if do_not_track is True:
+        return Switch(False, "DO_NOT_TRACK")
+    if enable is True:
+        return Switch(True, "RUBRIX_ENABLE_TELEMETRY")
+    return Switch(True, "default")
+
+
+_reported_switch_errors: set[str] = set()
+
+
+def report_switch_error(settings: Settings) -> None:
+    """Logs the switch's error once per process (hooks, worker and a CLI command may each
+    read the settings)."""
+    if settings.switch_error and settings.switch_error not in _reported_switch_errors:
+        _reported_switch_errors.add(settings.switch_error)
+        log.error("telemetry: %s", settings.switch_error)
 
 
 def _default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -139,10 +189,11 @@ def _queue_name(raw: str) -> str:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
-    enabled, decided_by = telemetry_switch(env)
+    switch = telemetry_switch(env)
     settings = Settings(
-        enabled=enabled,
-        decided_by=decided_by,
+        enabled=switch.enabled,
+        decided_by=switch.decided_by,
+        switch_error=switch.error,
         data_dir=Path(_read(env, "RUBRIX_TELEMETRY_DATA_DIR", str(_default_data_dir(env)), str, "a folder path")),
         broker_url=_read(env, "RUBRIX_TELEMETRY_BROKER_URL", None, _broker_url,
                          "a broker URL such as redis://host:6379/0"),

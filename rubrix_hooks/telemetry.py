@@ -22,7 +22,7 @@ from rubrix_hooks.contract import (
     timestamp_us,
 )
 from rubrix_hooks.publisher import Publisher
-from rubrix_hooks.settings import Settings, load_settings
+from rubrix_hooks.settings import Settings, load_settings, report_switch_error
 
 log = logging.getLogger("rubrix_hooks.telemetry")
 
@@ -34,6 +34,7 @@ class HasHeaders(Protocol):
 
 # Read at import, i.e. at server start-up: a bad value fails the start, not a request.
 settings: Settings = load_settings()
+report_switch_error(settings)  # a switch value not understood: telemetry off, and one error line
 _publisher: Publisher | None = None
 _publisher_lock = threading.Lock()
 

@@ -9,7 +9,8 @@ from celery import Celery
 from celery.signals import task_rejected, task_unknown, worker_ready
 
 from rubrix_hooks.contract import DELIVER_TASK_NAME
-from rubrix_hooks.settings import ConfigurationError, Settings, broker_transport_options, load_settings, masked_url
+from rubrix_hooks.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
+                                   masked_url, report_switch_error)
 from tasks import counters
 from tasks.remote_status import delivery_problem  # also registers the command `status` sends
 
@@ -65,7 +66,9 @@ app.conf.update(
 
 @worker_ready.connect
 def _announce(**_: object) -> None:
-    if not settings.enabled:
+    if settings.switch_error:  # logged here, once the worker's logging is set up
+        report_switch_error(settings)
+    elif not settings.enabled:
         log.warning("telemetry is switched off by %s: events are acknowledged and dropped, nothing is sent",
                     settings.decided_by)
     elif delivery_problem(settings):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from rubrix_hooks.settings import ConfigurationError, load_settings
+from rubrix_hooks.settings import ConfigurationError, Settings, load_settings
 
 log = logging.getLogger("rubrix-telemetry")
 
@@ -97,10 +97,19 @@ def cmd_collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_with_a_clear_switch() -> Settings:
+    """The settings, or CommandFailed with the one line that says a switch value was not
+    understood: telemetry is then off, and the operator should hear it, not read "off"."""
+    settings = load_settings()
+    if settings.switch_error:
+        raise CommandFailed(settings.switch_error)
+    return settings
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
     from telemetry_ops.preview import preview
 
-    settings = load_settings()
+    settings = _settings_with_a_clear_switch()
     print(json.dumps(preview(settings), indent=2, ensure_ascii=False))
     return 0
 
@@ -138,6 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from telemetry_ops.status import run_status
 
+    _settings_with_a_clear_switch()
     return run_status(json_output=args.json)
 
 

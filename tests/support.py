@@ -242,7 +242,9 @@ def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1]), took
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report["stderr"] = done.stderr
+    return report, took
 
 
 class SilentBroker:

@@ -22,14 +22,24 @@ def test_defaults_use_the_embedded_broker_and_segment():
 
 
 @pytest.mark.parametrize("value, enabled", [("0", False), ("false", False), ("No", False), ("OFF", False),
-                                            ("1", True), ("true", True), ("", True)])
+                                            ("f", False), (" n ", False), ("1", True), ("true", True),
+                                            ("t", True), ("Y", True), ("", True), ("maybe", False)])
 def test_enable_switch_spellings(value, enabled):
-    assert telemetry_switch({"RUBRIX_ENABLE_TELEMETRY": value})[0] is enabled
+    assert telemetry_switch({"RUBRIX_ENABLE_TELEMETRY": value}).enabled is enabled
 
 
 def test_do_not_track_switches_off_and_says_so():
-    assert telemetry_switch({"DO_NOT_TRACK": "1"}) == (False, "DO_NOT_TRACK")
-    assert telemetry_switch({"DO_NOT_TRACK": "1", "RUBRIX_ENABLE_TELEMETRY": "0"}) == (False, "RUBRIX_ENABLE_TELEMETRY")
+    assert telemetry_switch({"DO_NOT_TRACK": "1"})[:2] == (False, "DO_NOT_TRACK")
+    assert telemetry_switch({"DO_NOT_TRACK": "y"})[:2] == (False, "DO_NOT_TRACK")
+    assert telemetry_switch({"DO_NOT_TRACK": "1", "RUBRIX_ENABLE_TELEMETRY": "0"})[:2] == (False,
+                                                                                        "RUBRIX_ENABLE_TELEMETRY")
+    assert telemetry_switch({"DO_NOT_TRACK": "0"}) == (True, "default", None)
+
+
+def test_a_value_neither_true_nor_false_is_off_with_an_error_naming_it():
+    switch = telemetry_switch({"RUBRIX_ENABLE_TELEMETRY": "disabled"})
+    assert switch.enabled is False and switch.decided_by == "RUBRIX_ENABLE_TELEMETRY"
+    assert "RUBRIX_ENABLE_TELEMETRY='disabled'" in switch.error and "OFF" in switch.error
 
 
 @pytest.mark.parametrize("name, value", [
