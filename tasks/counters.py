@@ -57,6 +57,15 @@ def counts_file(settings: Settings) -> Path:
     return settings.data_dir / FILE_NAME
 
 
+def uses_redis(settings: Settings) -> bool:
+    return not settings.uses_embedded_broker and urlsplit(settings.broker_url_or_default).scheme in REDIS_SCHEMES
+
+
+def broker_client(settings: Settings) -> Any:
+    """This process's Redis client of the broker (when the broker is Redis)."""
+    return _worker_client(settings)
+
+
 def keeps_counts(settings: Settings) -> bool:
     return settings.uses_embedded_broker or urlsplit(settings.broker_url_or_default).scheme in REDIS_SCHEMES
 

@@ -18,7 +18,7 @@ from rubrix_hooks.platform_info import platform_info
 from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
-from tasks.installation_id import installation_id
+from tasks.installation_id import deployment_id
 from tasks.segment import DeliveryOutcome, Message, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
@@ -63,10 +63,6 @@ def retry_countdown(retries: int, retry_after: float | None, settings: Settings)
     return min(countdown, settings.backoff_max)
 
 
-def to_message(event: dict[str, Any], platform: dict[str, str]) -> Message:
-    return segment_message(event, platform, installation_id(settings.data_dir))
-
-
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
     # Every final outcome of a task passes here: the one place it is counted.
     counters.record(settings, delivered=delivered, dropped=dropped)
@@ -104,7 +100,9 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     platform = batch.platform or platform_info()
     now = time.time()
     started = batch.first_attempt_at if batch.first_attempt_at is not None and batch.first_attempt_at <= now else now
-    outcome: DeliveryOutcome = deliver_messages([to_message(event, platform) for event in batch.events], settings)
+    anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
+    outcome: DeliveryOutcome = deliver_messages(
+        [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
     dropped.update(outcome.dropped)
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)

@@ -1,8 +1,17 @@
-"""The anonymous id of this installation: random, stable across restarts, one-way.
+"""The anonymous id of this deployment: random, stable across restarts, one-way, and one for
+all the workers of a deployment whichever host or data folder delivers.
 
 Rubrix 0.18 used `uuid.UUID(int=uuid.getnode())`, which is the MAC address in disguise.
-Ours is a random UUID stored in the data folder the first time it is needed: it says
-nothing about the machine, and a volume keeps it across container restarts.
+Ours is a random UUID: it says nothing about the machine. Where it is kept:
+- on Redis (redis://, rediss://, sentinel://), in the broker itself, under REDIS_KEY: the
+  first worker to deliver sets it with an atomic set-if-absent, every other worker reads
+  it, and Redis's persistence keeps it across restarts. The first value offered is the id
+  already in that worker's data folder, so an installation that had one keeps it;
+- on the embedded queue, in the data folder: the queue lives there too, so the server and
+  its workers share it by construction;
+- on RabbitMQ, which stores no values, in each worker's data folder: give every worker of
+  one deployment the same data folder volume (or the same `installation-id` file) and they
+  send one id. Without that, each data folder counts as an installation.
 """
 
 from __future__ import annotations
@@ -13,8 +22,12 @@ import os
 import uuid
 from pathlib import Path
 
+from rubrix_hooks.settings import Settings
+from tasks import counters
+
 log = logging.getLogger("tasks.installation_id")
 FILE_NAME = "installation-id"
+REDIS_KEY = "rubrix-telemetry:installation-id"
 
 
 def _read(path: Path) -> str | None:
@@ -54,3 +67,35 @@ def installation_id(data_dir: Path) -> str:
         log.warning("telemetry: cannot store the installation id in %s (%s); using one for this process only",
                     data_dir, error.strerror)
         return new_id
+
+
+_deployment_ids: dict[tuple[int, str], str] = {}
+_store_warned = False
+
+
+def deployment_id(settings: Settings) -> str:
+    """The anonymousId every event of this deployment carries (see the module's docstring).
+
+    When the broker cannot be asked, this delivery uses the data folder's id and logs it once;
+    the broker is asked again at the next delivery (only its answer is kept for the process).
+    """
+    global _store_warned
+    local = installation_id(settings.data_dir)
+    if not counters.uses_redis(settings):
+        return local
+    key = (os.getpid(), settings.broker_url_or_default)
+    if key in _deployment_ids:
+        return _deployment_ids[key]
+    try:
+        client = counters.broker_client(settings)
+        client.set(REDIS_KEY, local, nx=True)  # atomic: exactly one first value wins
+        stored = client.get(REDIS_KEY)
+        shared = str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
+    except Exception as error:  # noqa: BLE001 (the delivery must go on; the id is retried next time)
+        if not _store_warned:
+            _store_warned = True
+            log.warning("telemetry: cannot read the deployment id from the broker (%s); using this data "
+                        "folder's id until it answers", type(error).__name__)
+        return local
+    _deployment_ids[key] = shared
+    return shared
