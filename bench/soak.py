@@ -47,6 +47,7 @@ from bench.sink import ANSWER, Sink
 from bench.soak_server import RECORDS_STRIDE, event_of
 from bench.stats import p50_p99
 from telemetry_ops.cli import OneLineParser
+from telemetry_ops.collector import decoded_body
 
 RABBITMQ_HOST, RABBITMQ_PORT = "127.0.0.1", 5672
 # The longest a POST is held while the soak waits for every worker to have one in flight:
@@ -108,7 +109,11 @@ class SoakSink(Sink):
                     sink._in_flight += 1
                     sink._flight.notify_all()
                 try:
-                    body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    try:
+                        body = decoded_body(raw, self.headers.get("Content-Encoding"))
+                    except ValueError:
+                        body = b""
                     sink._answering.wait(HOLD_TIMEOUT * 2)  # bounded, whatever happens to the soak
                     if sender_gone(self.connection):
                         with sink._lock:
