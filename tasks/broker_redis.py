@@ -28,18 +28,27 @@ class BrokerRedis:
 
     def __init__(self, settings: Settings, timeout: float) -> None:
         from kombu import Connection
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         # Fail fast: `timeout` seconds to connect (each Sentinel node, then the master) and
-        # to answer, and no connection retries, whatever the shared options say.
-        options = {**broker_transport_options(settings), "socket_connect_timeout": timeout,
-                   "socket_timeout": timeout, "max_retries": 0}
+        # to answer, and no connection retries, whatever the shared options say (redis-py
+        # retries each Sentinel node 3 times by default: 7 s for two dead ones).
+        options = broker_transport_options(settings)
+        sentinel_options = {**options.get("sentinel_kwargs", {}), "socket_connect_timeout": timeout,
+                            "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+        options.update(socket_connect_timeout=timeout, socket_timeout=timeout, max_retries=0,
+                       sentinel_kwargs=sentinel_options)
         self.connection = Connection(settings.broker_url_or_default, transport_options=options,
                                      connect_timeout=timeout)
         try:
             # Creating the channel connects (and pings): a dead broker raises here.
             self.client: Any = self.connection.default_channel.client
-        except BaseException:
+        except Exception as error:
             self.connection.release()
+            # redis-py appends the repr of a client per Sentinel node: keep the sentence.
+            if str(error).startswith("No master found"):
+                raise ConnectionError(f"{str(error).split(' : ')[0]}: no Sentinel answers with it") from None
             raise
 
     def close(self) -> None:
