@@ -7,6 +7,7 @@ hooks, `celery -A tasks worker`, any `rubrix-telemetry` command), never later.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class Settings:
     max_retry_duration: float
     visibility_timeout: float
     http_timeout: float
+    # RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS: merged over ours (`broker_transport_options`).
+    extra_transport_options: dict[str, Any] = field(default_factory=dict, hash=False)
     # Set when a switch variable holds a value that is neither true nor false: telemetry is
     # then off, and this is the one line that says why (logged at start; CLI exit 1).
     switch_error: str | None = None
@@ -181,6 +184,37 @@ def _check_broker_scheme(url: str) -> None:
                                  f"use one of kombu's, e.g. redis://, rediss://, sentinel://, amqp://")
 
 
+TRANSPORT_OPTIONS_VARIABLE = "RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS"
+
+
+def _transport_options(env: Mapping[str, str]) -> dict[str, Any]:
+    raw = env.get(TRANSPORT_OPTIONS_VARIABLE, "")
+    if not raw.strip():
+        return {}
+    rule = f'{TRANSPORT_OPTIONS_VARIABLE} must be a JSON object such as {{"master_name": "mymaster"}}'
+    # The value is not echoed: it may hold a password (sentinel_kwargs).
+    try:
+        value = json.loads(raw)
+    except ValueError as error:
+        raise ConfigurationError(f"{rule}: {error}") from None
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{rule}, got a JSON {type(value).__name__}")
+    return value
+
+
+def _check_transport_options(settings: Settings) -> None:
+    extra = settings.extra_transport_options
+    # The visibility timeout has its own variable, checked against BACKOFF_MAX below.
+    if "visibility_timeout" in extra:
+        raise ConfigurationError(f"{TRANSPORT_OPTIONS_VARIABLE} must not set visibility_timeout: "
+                                 "use RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT")
+    # kombu would only say so inside the worker's connection loop, and the server never.
+    scheme = urlsplit(settings.broker_url or "").scheme
+    if scheme == "sentinel" and not extra.get("master_name"):
+        raise ConfigurationError(f"a sentinel:// RUBRIX_TELEMETRY_BROKER_URL needs the master's name in "
+                                 f"{TRANSPORT_OPTIONS_VARIABLE}, e.g. {{\"master_name\": \"mymaster\"}}")
+
+
 def _queue_name(raw: str) -> str:
     if not raw.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError
@@ -215,9 +249,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_retry_duration=_seconds(env, "RUBRIX_TELEMETRY_MAX_RETRY_DURATION", 86_400.0),
         visibility_timeout=_seconds(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0),
         http_timeout=_seconds(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0),
+        extra_transport_options=_transport_options(env),
     )
     if settings.broker_url is not None:
         _check_broker_scheme(settings.broker_url)
+    _check_transport_options(settings)
     # With Redis and acks_late, a retry held longer than the visibility timeout is
     # delivered twice (README, Configuration): refuse such a configuration outright.
     if settings.backoff_max >= settings.visibility_timeout:
@@ -234,7 +270,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    """kombu transport options shared by the server's publisher and the workers."""
+    """kombu transport options shared by the server's publisher and the workers: ours, with
+    RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS over them (Sentinel's master_name, ...)."""
+    return {**_own_transport_options(settings), **settings.extra_transport_options}
+
+
+def _own_transport_options(settings: Settings) -> dict[str, Any]:
     if settings.uses_embedded_broker:
         # Both sides build their broker connection right after this call: kombu must know the
         # embedded scheme by then (imported only now: a server without events never loads kombu).
@@ -270,7 +311,10 @@ def embedded_broker_folders(settings: Settings) -> dict[str, Path]:
 
 
 def masked_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and status output."""
+    """The URL with any password replaced by ***, for logs and status output; each of a
+    list of URLs separated by ';' (kombu's failover list, Sentinel's nodes) too."""
+    if ";" in url:
+        return ";".join(masked_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url

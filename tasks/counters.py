@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from rubrix_hooks.settings import Settings
+from tasks.broker_redis import BrokerRedis, uses_redis
 
 log = logging.getLogger("tasks.counters")
 
@@ -26,39 +27,25 @@ FILE_NAME = "counts.json"
 DELIVERED = "delivered"
 RETRIED = "retried"
 DROPPED_PREFIX = "dropped:"
-REDIS_SCHEMES = frozenset({"redis", "rediss"})
 
-_clients: dict[tuple[int, str], Any] = {}
+_clients: dict[tuple[int, str], BrokerRedis] = {}
 
 
 class CountsUnavailable(Exception):
     """The counts cannot be read (broker down, or a broker that keeps none)."""
 
 
-def redis_client(url: str, timeout: float) -> Any:
-    """A Redis client that fails fast: no retries, `timeout` seconds to connect and to read."""
-    import redis
-    from redis.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                retry=Retry(NoBackoff(), 0), decode_responses=True)
-
-
 def _worker_client(settings: Settings) -> Any:
-    # One client (and connection pool) per process: never shared across a fork.
+    # One client (and connection pool) per process: never shared across a fork. It
+    # reconnects by itself (on Sentinel, to whichever node is the master now).
     key = (os.getpid(), settings.broker_url_or_default)
     if key not in _clients:
-        _clients[key] = redis_client(settings.broker_url_or_default, max(settings.publish_timeout, 2.0))
-    return _clients[key]
+        _clients[key] = BrokerRedis(settings, max(settings.publish_timeout, 2.0))
+    return _clients[key].client
 
 
 def counts_file(settings: Settings) -> Path:
     return settings.data_dir / FILE_NAME
-
-
-def uses_redis(settings: Settings) -> bool:
-    return not settings.uses_embedded_broker and urlsplit(settings.broker_url_or_default).scheme in REDIS_SCHEMES
 
 
 def broker_client(settings: Settings) -> Any:
@@ -67,7 +54,7 @@ def broker_client(settings: Settings) -> Any:
 
 
 def keeps_counts(settings: Settings) -> bool:
-    return settings.uses_embedded_broker or urlsplit(settings.broker_url_or_default).scheme in REDIS_SCHEMES
+    return settings.uses_embedded_broker or uses_redis(settings)
 
 
 def _increments(delivered: int, retried: int, dropped: Mapping[str, int]) -> dict[str, int]:
@@ -121,9 +108,10 @@ def read_counts(settings: Settings, client: Any = None) -> dict[str, Any]:
             raw = (client or _worker_client(settings)).hgetall(REDIS_KEY)
     except Exception as error:  # noqa: BLE001
         raise CountsUnavailable(f"cannot read the counts: {type(error).__name__}") from None
-    counts: dict[str, Any] = {DELIVERED: int(raw.get(DELIVERED, 0)), RETRIED: int(raw.get(RETRIED, 0)),
-                              "dropped": {}}
+    # kombu's Redis client answers bytes.
+    raw = {(name.decode() if isinstance(name, bytes) else name): int(n) for name, n in raw.items()}
+    counts: dict[str, Any] = {DELIVERED: raw.get(DELIVERED, 0), RETRIED: raw.get(RETRIED, 0), "dropped": {}}
     for name, n in sorted(raw.items()):
         if name.startswith(DROPPED_PREFIX):
-            counts["dropped"][name[len(DROPPED_PREFIX):]] = int(n)
+            counts["dropped"][name[len(DROPPED_PREFIX):]] = n
     return counts

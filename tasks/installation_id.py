@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rubrix_hooks.settings import Settings
 from tasks import counters
+from tasks.broker_redis import uses_redis
 
 log = logging.getLogger("tasks.installation_id")
 FILE_NAME = "installation-id"
@@ -81,7 +82,7 @@ def deployment_id(settings: Settings) -> str:
     """
     global _store_warned
     local = installation_id(settings.data_dir)
-    if not counters.uses_redis(settings):
+    if not uses_redis(settings):
         return local
     key = (os.getpid(), settings.broker_url_or_default)
     if key in _deployment_ids:

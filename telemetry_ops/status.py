@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from rubrix_hooks.settings import Settings, embedded_broker_folders, load_settings, masked_url
 from tasks import counters
+from tasks.broker_redis import broker_redis, uses_redis
 
 T = TypeVar("T")
 
@@ -41,7 +42,8 @@ WORKERS_DEADLINE = 3.0
 # How often `status` itself looks for answers on the embedded queue (kombu's default: 1 s).
 EMBEDDED_POLLING_INTERVAL = 0.1
 # kombu's Redis transport: messages taken by a worker and not yet acknowledged (being
-# delivered, or held for a retry countdown) wait in this hash, not in the queue's list.
+# delivered, or held for a retry countdown) wait in this hash (transport option
+# `unacked_key`), not in the queue's list.
 REDIS_UNACKED_KEY = "unacked"
 
 
@@ -79,12 +81,11 @@ class BrokerReport:
 
 
 def _probe_redis(settings: Settings, report: BrokerReport) -> None:
-    client = counters.redis_client(settings.broker_url_or_default, STATUS_TIMEOUT)
-    client.ping()
-    report.answers = True
-    report.queue_depth = int(client.llen(settings.queue))
-    report.unacked = int(client.hlen(REDIS_UNACKED_KEY))
-    report.counts = counters.read_counts(settings, client)
+    with broker_redis(settings, STATUS_TIMEOUT) as client:  # connecting pings it
+        report.answers = True
+        report.queue_depth = int(client.llen(settings.queue))
+        report.unacked = int(client.hlen(settings.extra_transport_options.get("unacked_key", REDIS_UNACKED_KEY)))
+        report.counts = counters.read_counts(settings, client)
 
 
 def _probe_embedded(settings: Settings, report: BrokerReport) -> None:
@@ -122,7 +123,7 @@ def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerR
     probe: Callable[[Settings, BrokerReport], None]
     if settings.uses_embedded_broker:
         probe = _probe_embedded
-    elif urlsplit(url).scheme in counters.REDIS_SCHEMES:
+    elif uses_redis(settings):
         probe = _probe_redis
     else:
         probe = _probe_other

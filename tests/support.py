@@ -78,12 +78,22 @@ def pyenv_pythons() -> dict[tuple[int, int], str]:
 
 
 class RedisServer:
-    """A redis-server of the test session's own, on a free port, that tests may stop and restart."""
+    """A redis-server of the test session's own, on a free port, that tests may stop and restart.
 
-    def __init__(self, port: int, folder: Path, appendonly: bool = True) -> None:
+    `extra_args` go after ours on the command line, where the last of a setting wins (a TLS
+    server: `--port 0 --tls-port P ...`, with `client_options` such as `ssl=True` for
+    `client()`); `sentinel=True` runs it as a Sentinel (`redis-server <conf> --sentinel`),
+    whose configuration file lives in `folder`.
+    """
+
+    def __init__(self, port: int, folder: Path, appendonly: bool = True, extra_args: Iterable[str] = (),
+                 sentinel: bool = False, client_options: dict[str, Any] | None = None) -> None:
         self.port = port
         self.folder = folder
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        self.sentinel = sentinel
+        self.client_options = client_options or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.binary = shutil.which("redis-server")
         if self.binary is None:
@@ -95,18 +105,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.sentinel:
+            config = self.folder / "sentinel.conf"  # Sentinel rewrites it with what it learns
+            config.touch()
+            mode = [str(config), "--sentinel"]
+        else:
+            mode = ["--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--logfile", str(self.folder / "redis.log")],
+            [self.binary, *mode, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--logfile", str(self.folder / "redis.log"), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         if not wait_until(self.answers, timeout=10):
             raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None:
-            self.process.terminate()
+            self.process.send_signal(sig)
             self.process.wait(timeout=10)
             self.process = None
 
@@ -117,7 +132,7 @@ class RedisServer:
     def client(self):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, **self.client_options)
 
     def answers(self) -> bool:
         try:
@@ -221,10 +236,13 @@ async def fire(count):
         else:
             await track_error(Error(), Request())
         slowest = max(slowest, time.perf_counter() - t)
+        if interval:
+            await asyncio.sleep(interval)
     return time.perf_counter() - started, slowest
 
 count = int(sys.argv[1])
 flush_timeout = float(sys.argv[2])
+interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0  # seconds between events: a server firing for a while
 elapsed, slowest = asyncio.run(fire(count))
 flushed = flush(flush_timeout) if flush_timeout >= 0 else None  # < 0: leave it to the exit flush
 print(json.dumps({"elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
@@ -233,12 +251,13 @@ print(json.dumps({"elapsed": elapsed, "slowest": slowest, "flushed": flushed, "s
 
 
 def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
-                    timeout: float = 60) -> tuple[dict[str, Any], float]:
-    """Runs HOOK_CLIENT in a child process: (its report, seconds until the process had exited)."""
+                    timeout: float = 60, interval: float = 0.0) -> tuple[dict[str, Any], float]:
+    """Runs HOOK_CLIENT in a child process, `interval` seconds between two events: (its
+    report, seconds until the process had exited)."""
     import json
 
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout)],
+    done = subprocess.run([sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout), str(interval)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr

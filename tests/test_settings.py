@@ -78,7 +78,50 @@ def test_bad_value_stops_start_up_with_a_clear_error(command):
                                  "sqs://", "sqla+postgresql://u@h/db", "redis+socket:///run/redis.sock",
                                  "filesystem://localhost//", "memory://"])
 def test_every_broker_scheme_kombu_knows_is_accepted(url):
-    assert load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url}).broker_url == url
+    # Sentinel needs its master's name as well (tested below).
+    options = {"RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS": '{"master_name": "mymaster"}'}
+    assert load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url, **options}).broker_url == url
+
+
+def test_transport_options_are_merged_over_ours_on_every_broker():
+    settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "sentinel://h1:26379;sentinel://h2:26379",
+                              "RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS":
+                                  '{"master_name": "mymaster", "socket_timeout": 9, "global_keyprefix": "rt:"}'})
+    options = broker_transport_options(settings)
+    assert (options["master_name"], options["socket_timeout"], options["global_keyprefix"]) == ("mymaster", 9, "rt:")
+    assert options["visibility_timeout"] == settings.visibility_timeout  # ours stay where not overridden
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{master_name: mymaster}", "Expecting property name enclosed in double quotes"),
+    ('["master_name", "mymaster"]', "got a JSON list"),
+    ('"mymaster"', "got a JSON str"),
+])
+def test_transport_options_that_are_not_a_json_object_are_refused(value, says):
+    with pytest.raises(ConfigurationError, match=re.escape(
+            'RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS must be a JSON object such as {"master_name": "mymaster"}')
+            + ".*" + re.escape(says)):
+        load_settings({"RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS": value})
+
+
+def test_sentinel_without_master_name_and_a_second_visibility_timeout_are_refused():
+    with pytest.raises(ConfigurationError, match="sentinel:// RUBRIX_TELEMETRY_BROKER_URL needs the master's name"):
+        load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "sentinel://h:26379"})
+    with pytest.raises(ConfigurationError, match="use RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT"):
+        load_settings({"RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS": '{"visibility_timeout": 99999}'})
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "telemetry"],
+    [sys.executable, "-m", "telemetry_ops.cli", "status"],
+])
+def test_bad_transport_options_stop_the_start_with_one_line(command):
+    # The value is never echoed: it may carry a Sentinel password.
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS='{"sentinel_kwargs": {"password": "s3cret"}')
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS must be a JSON object" in done.stderr
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_the_embedded_queues_url_means_the_default():
@@ -106,3 +149,5 @@ def test_masked_url_hides_the_password():
     assert masked_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert masked_url("amqp://user:s3cret@host//") == "amqp://user:***@host//"
     assert masked_url("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert masked_url("sentinel://:pw1@h1:26379;sentinel://:pw1@h2:26379") == \
+        "sentinel://:***@h1:26379;sentinel://:***@h2:26379"
