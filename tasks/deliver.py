@@ -19,7 +19,7 @@ from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import deployment_id
-from tasks.segment import DeliveryOutcome, Message, deliver_messages, segment_message
+from tasks.segment import DeliveryOutcome, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
 
