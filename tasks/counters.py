@@ -4,7 +4,9 @@ see the same numbers.
 Fields: `delivered`, `retried` (events scheduled for another attempt) and
 `dropped:<reason>`. On Redis they are one hash (HINCRBY is atomic across workers); on the
 embedded on-disk broker, a small JSON file in the data folder under an exclusive `flock`.
-Counting is bookkeeping: it never makes a task fail.
+A broker that stores no values (RabbitMQ) gets the same file in each worker's data folder,
+and each worker reports its own in its answer to `rubrix-telemetry status`, which adds them
+up (`tasks/remote_status.py`). Counting is bookkeeping: it never makes a task fail.
 """
 
 from __future__ import annotations
@@ -83,10 +85,10 @@ def record(settings: Settings, delivered: int = 0, retried: int = 0,
            dropped: Mapping[str, int] | None = None) -> None:
     """Adds to the shared counts; logs at debug and carries on when it cannot."""
     increments = _increments(delivered, retried, dropped or {})
-    if not increments or not keeps_counts(settings):
+    if not increments:
         return
     try:
-        if settings.uses_embedded_broker:
+        if not uses_redis(settings):
             _update_file(counts_file(settings), increments)
         else:
             pipe = _worker_client(settings).pipeline(transaction=False)
@@ -108,6 +110,30 @@ def read_counts(settings: Settings, client: Any = None) -> dict[str, Any]:
             raw = (client or _worker_client(settings)).hgetall(REDIS_KEY)
     except Exception as error:  # noqa: BLE001
         raise CountsUnavailable(f"cannot read the counts: {type(error).__name__}") from None
+    return _as_counts(raw)
+
+
+def worker_own_counts(settings: Settings) -> dict[str, Any] | None:
+    """This worker's counts from its data folder, when the broker keeps none (RabbitMQ)."""
+    if keeps_counts(settings):
+        return None
+    try:
+        return _as_counts(_update_file(counts_file(settings), {}))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def add_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {DELIVERED: 0, RETRIED: 0, "dropped": {}}
+    for part in parts:
+        total[DELIVERED] += int(part.get(DELIVERED, 0))
+        total[RETRIED] += int(part.get(RETRIED, 0))
+        for reason, n in part.get("dropped", {}).items():
+            total["dropped"][reason] = total["dropped"].get(reason, 0) + int(n)
+    return total
+
+
+def _as_counts(raw: Mapping[Any, Any]) -> dict[str, Any]:
     # kombu's Redis client answers bytes.
     raw = {(name.decode() if isinstance(name, bytes) else name): int(n) for name, n in raw.items()}
     counts: dict[str, Any] = {DELIVERED: raw.get(DELIVERED, 0), RETRIED: raw.get(RETRIED, 0), "dropped": {}}

@@ -17,6 +17,7 @@ import kombu
 from celery.worker.control import inspect_command
 
 from rubrix_hooks.settings import Settings, masked_url
+from tasks import counters
 
 STATUS_COMMAND = "rubrix_telemetry_status"
 
@@ -52,8 +53,9 @@ def worker_report(settings: Settings, consumer: Any, hostname: str) -> dict[str,
         "concurrency": _concurrency(consumer),
         "celery_version": celery.__version__,
         "kombu_version": kombu.__version__,
-        # Room for this worker's own delivery figures; the shared counts are in the broker.
-        "deliveries": {},
+        # This worker's own counts where the broker keeps none (RabbitMQ); else the shared
+        # counts are in the broker, and this is empty.
+        "deliveries": counters.worker_own_counts(settings) or {},
     }
 
 

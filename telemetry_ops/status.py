@@ -187,6 +187,11 @@ def collect_status(settings: Settings) -> Status:
     if status.broker.answers:
         remaining = CHECKS_BUDGET - (time.monotonic() - started)
         status.workers = ask_workers(settings, max(1.0, min(WORKERS_DEADLINE, remaining)))
+        if not counters.keeps_counts(settings) and status.consuming:
+            # A broker that stores no values: each worker counts in its data folder and says so.
+            status.broker.counts = counters.add_counts([worker.get("deliveries") or {}
+                                                        for worker in status.consuming])
+            status.broker.counts_error = None
     # Switched off here, nothing is expected to flow: what broker and workers say is information only.
     if settings.enabled:
         if not status.broker.answers:
