@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -180,11 +181,27 @@ async def fire(count):
 
 count = int(sys.argv[1])
 flush_timeout = float(sys.argv[2])
+watch = len(sys.argv) > 3 and sys.argv[3] == "watch"
 elapsed, slowest = asyncio.run(fire(count))
-flushed = flush(flush_timeout) if flush_timeout >= 0 else None  # < 0: leave it to the exit flush
-print(json.dumps({"elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
+if watch:
+    # As a server runs: no flush; its stats every 0.25 s until nothing is pending, at most
+    # flush_timeout seconds; `stats` then says what the publisher did on its own.
+    deadline = time.monotonic() + flush_timeout
+    while stats()["pending"] and time.monotonic() < deadline:
+        print(json.dumps({"at": time.monotonic(), "stats": stats()}), flush=True)
+        time.sleep(0.25)
+    flushed = not stats()["pending"]
+else:
+    flushed = flush(flush_timeout) if flush_timeout >= 0 else None  # < 0: leave it to the exit flush
+print(json.dumps({"at": time.monotonic(), "elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
                   "threads": threading.active_count(), "celery_loaded": "celery" in sys.modules}))
 """
+
+
+def hook_client_argv(count: int, flush_timeout: float, watch: bool = False) -> list[str]:
+    """The command line of HOOK_CLIENT; `watch`: it prints its stats as JSON lines while
+    the publisher works on its own (no flush), its report last."""
+    return [sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout), *(["watch"] if watch else [])]
 
 
 def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
@@ -193,7 +210,7 @@ def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
     import json
 
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout)],
+    done = subprocess.run(hook_client_argv(count, flush_timeout),
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
@@ -342,6 +359,27 @@ def raw_http_status(port: int, request: bytes, timeout: float = 10) -> int | Non
 def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The messages de-duplicated by messageId, as the analytics backend does."""
     return {message["messageId"]: message for message in messages}
+
+
+# The worker's log line for a retry: "... to retry in 1.2s (HTTP 503)".
+RETRY_LINE = re.compile(r"to retry in (?P<countdown>[\d.]+)s \((?P<reason>[^)]*)\)")
+
+
+def retries_logged(worker: WorkerProcess) -> list[tuple[float, str]]:
+    """(countdown, reason) of every retry a worker process logged."""
+    return [(float(m["countdown"]), m["reason"]) for m in RETRY_LINE.finditer(worker.log())]
+
+
+def assert_each_delivered_once_after_dedup(events: list[dict[str, Any]], backend: Any) -> dict[str, int]:
+    """Every event reached the backend, unchanged, and nothing else did (duplicates only
+    with the same messageId); returns the figures."""
+    accepted = backend.accepted_messages()
+    unique = unique_messages(accepted)
+    assert set(unique) == {event["messageId"] for event in events}
+    for event in events:
+        assert unique[event["messageId"]]["properties"] == event["properties"]
+    return {"sent": len(events), "accepted": len(accepted), "unique": len(unique),
+            "duplicates": len(accepted) - len(unique)}
 
 
 def publish_events(count: int, queue: str, broker_url: str | None = None) -> list[dict[str, Any]]:
