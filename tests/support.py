@@ -382,7 +382,8 @@ def assert_each_delivered_once_after_dedup(events: list[dict[str, Any]], backend
             "duplicates": len(accepted) - len(unique)}
 
 
-def publish_events(count: int, queue: str, broker_url: str | None = None) -> list[dict[str, Any]]:
+def publish_events(count: int, queue: str, broker_url: str | None = None,
+                   queue_type: str = "classic") -> list[dict[str, Any]]:
     """`count` valid LogRecordsRequested events put on `queue` by the server's own publisher
     (settings.events_per_task per task message); returns them as a worker reads them back."""
     from dataclasses import replace
@@ -394,7 +395,7 @@ def publish_events(count: int, queue: str, broker_url: str | None = None) -> lis
 
     settings = load_settings()
     settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,
-                       buffer_size=max(count, settings.buffer_size))
+                       buffer_size=max(count, settings.buffer_size), queue_type=queue_type)
     sent: list[dict[str, Any]] = []
     sender = CeleryBatchSender(settings)
 

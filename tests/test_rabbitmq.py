@@ -15,7 +15,11 @@ from collections import Counter
 
 import pytest
 
-from tests.support import REPO_ROOT, child_environment, children_fixture, hook_client_argv, unique_messages
+from rubrix_hooks import rabbitmq
+from rubrix_hooks.settings import load_settings
+from tests.support import (REPO_ROOT, SilentBroker, assert_each_delivered_once_after_dedup, child_environment,
+                           children_fixture, hook_client_argv, publish_events, retries_logged, run_hook_client,
+                           scripted, unique_messages)
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +103,88 @@ def test_memory_alarm_events_count_as_published_only_once_confirmed_and_none_is_
           f"({report['at'] - cleared_at:.1f}s after the alarm cleared), "
           f"delivered {len(unique)} unique / {len(accepted)} accepted, all delivered {delivered_after:.1f}s "
           f"after the alarm cleared; client log: {client_log.strip().splitlines()[:3]}")
+
+
+def test_quorum_queue_delivers_and_retries(rabbitmq_vhost, children, collectors):
+    queue = "quorum-delivery"
+    backend = collectors(0, scripted([503, (429, {"Retry-After": "2"})]))
+    worker = children.worker(queue, backend.url, broker_url=rabbitmq_vhost.url, queue_type="quorum")
+    events = publish_events(45, queue, broker_url=rabbitmq_vhost.url, queue_type="quorum")
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 45, timeout=60), worker.log()
+    figures = assert_each_delivered_once_after_dedup(events, backend)
+    assert {reason for _, reason in retries_logged(worker)} == {"HTTP 503", "HTTP 429"}, worker.log()
+    print("quorum:", figures)
+
+
+def status_json(**env: str) -> tuple[int, dict, str]:
+    """`rubrix-telemetry status --json` as an operator runs it: (exit code, document, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "status", "--json"], cwd=REPO_ROOT,
+                          env=child_environment(**env), capture_output=True, text=True, timeout=30)
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+@pytest.mark.parametrize("existing, configured", [("quorum", "classic"), ("classic", "quorum")])
+def test_queue_of_another_type_stops_the_worker_and_fails_status_with_one_line_naming_the_variable(
+        rabbitmq_vhost, existing, configured):
+    url = rabbitmq_vhost.url
+    rabbitmq.ensure_queue(load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url, "RUBRIX_TELEMETRY_QUEUE_TYPE": existing}),
+                          timeout=5)
+    expected = (f"the queue 'telemetry' exists on the broker as a {existing} queue, but RUBRIX_TELEMETRY_QUEUE_TYPE "
+                f"is {configured}: set RUBRIX_TELEMETRY_QUEUE_TYPE={existing}, or delete the queue (once empty) "
+                f"to re-create it")
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE_TYPE=configured)
+    started = time.monotonic()
+    worker = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "telemetry",
+                             "--pool", "solo", "--without-mingle", "--without-gossip"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert worker.returncode == 1, worker.stderr
+    ours = [line for line in worker.stderr.splitlines() if "RUBRIX_TELEMETRY_QUEUE_TYPE" in line]
+    assert ours == [f"rubrix-telemetry: {expected}"], worker.stderr
+    assert "Traceback" not in worker.stderr + worker.stdout
+    # status says the same: unhealthy, exit code 1, the one line.
+    code, document, stderr = status_json(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE_TYPE=configured)
+    assert (code, stderr) == (1, f"rubrix-telemetry: unhealthy: {expected}\n")
+    assert document["broker"]["answers"] and document["queue"]["error"] == expected
+    print(f"queue type mismatch: the worker exited with 1 after {took:.1f}s")
+
+
+def test_queue_of_another_type_holds_the_servers_events_with_one_log_line(rabbitmq_vhost):
+    url = rabbitmq_vhost.url
+    rabbitmq.ensure_queue(load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url, "RUBRIX_TELEMETRY_QUEUE_TYPE": "quorum"}),
+                          timeout=5)
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_FLUSH_INTERVAL="0.05")
+    done = subprocess.run(hook_client_argv(40, flush_timeout=3), cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    report = json.loads(done.stdout.splitlines()[-1])
+    # Held, never counted as published (dropped only by the exit's bounded wait, and counted).
+    assert report["flushed"] is False and report["stats"]["published"] == 0 and report["stats"]["pending"] == 40
+    named = [line for line in done.stderr.splitlines() if "RUBRIX_TELEMETRY_QUEUE_TYPE" in line]
+    assert len(named) == 1 and "exists on the broker as a quorum queue" in named[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_queue_depth_counts_waiting_messages_and_status_shows_it(rabbitmq_vhost):
+    url = rabbitmq_vhost.url
+    settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": url, "RUBRIX_TELEMETRY_QUEUE": "depth"})
+    assert rabbitmq.queue_depth(settings, timeout=3) == 0  # not declared yet
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE="depth",
+                            RUBRIX_TELEMETRY_EVENTS_PER_TASK="1")
+    report, _ = run_hook_client(env, count=3)  # no worker consumes the queue
+    assert report["flushed"] and report["stats"]["published"] == 3
+    assert rabbitmq.queue_depth(settings, timeout=3) == 3
+    code, document, stderr = status_json(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE="depth")
+    assert code == 0, stderr
+    assert document["queue"] == {"name": "depth", "depth": 3, "unacked": None, "error": None}
+
+
+def test_queue_depth_gives_up_within_its_timeout_on_a_broker_that_never_answers():
+    silent = SilentBroker()
+    try:
+        settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{silent.port}//"})
+        started = time.monotonic()
+        with pytest.raises(Exception):
+            rabbitmq.queue_depth(settings, timeout=1.0)
+        assert time.monotonic() - started < 2.5
+    finally:
+        silent.close()
