@@ -21,6 +21,7 @@ import collections
 import concurrent.futures.thread  # noqa: F401 (see the note at _flush_at_exit)
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -52,6 +53,11 @@ MAX_PUBLISH_PAUSE = 30.0
 DROP_WARNING_INTERVAL = 60.0
 
 
+class PublishUnconfirmed(Exception):
+    """RabbitMQ did not confirm a publish within the publish timeout: it blocks publishers
+    during a memory or disk alarm. The batch is held and published again."""
+
+
 class CeleryBatchSender:
     """Publishes one batch of events as one Celery task message, or raises."""
 
@@ -60,6 +66,8 @@ class CeleryBatchSender:
 
         self._queue = settings.queue
         self._app = Celery("rubrix_hooks", set_as_current=False)
+        from rubrix_hooks import rabbitmq
+
         self._app.conf.update(
             broker_url=settings.broker_url_or_default,
             broker_transport_options=broker_transport_options(settings),
@@ -67,18 +75,69 @@ class CeleryBatchSender:
             broker_connection_retry=False,
             broker_connection_max_retries=0,
             broker_pool_limit=1,
+            # No heartbeats: nothing reads them between publishes, and RabbitMQ would close
+            # a quiet server's connection for missing ones.
+            broker_heartbeat=0,
             task_serializer="json",
             accept_content=["json"],
             task_ignore_result=True,
+            task_queues=rabbitmq.task_queues(settings),
         )
         # Import the broker's transport now, not at the first publish (no network I/O).
         self._app.connection_for_write().release()
+        # RabbitMQ: each publish is confirmed (broker_transport_options), and every wait of
+        # it bounded: a broker that blocks publishers (memory or disk alarm) stops reading,
+        # so the write and the wait for the confirm each give up after the publish timeout.
+        self._amqp = settings.uses_amqp_broker
+        self._bounds = {"timeout": settings.publish_timeout, "confirm_timeout": settings.publish_timeout} \
+            if self._amqp else {}
+        self._settings = settings
+        self._connection: Any = None
+        self._producer: Any = None
+        self._mismatch_logged = False
 
     def __call__(self, kwargs: dict[str, Any]) -> None:
-        self._app.send_task(DELIVER_TASK_NAME, args=(), kwargs=kwargs, queue=self._queue, retry=False,
-                            argsrepr="()", kwargsrepr=message.describe(kwargs))
+        if self._producer is None:
+            self._connection = self._app.connection_for_write()
+            self._producer = self._app.amqp.Producer(self._connection)
+        try:
+            self._app.send_task(DELIVER_TASK_NAME, args=(), kwargs=kwargs, queue=self._queue, retry=False,
+                                producer=self._producer, argsrepr="()", kwargsrepr=message.describe(kwargs),
+                                **self._bounds)
+        except Exception as error:
+            # A fresh connection for the next attempt: this one may be blocked, half-written
+            # or hold a confirm that arrives late (and would be taken for the next one's).
+            self._discard_connection()
+            if self._amqp:
+                self._explain(error)
+            raise
+
+    def _explain(self, error: Exception) -> None:
+        """Raises RabbitMQ's refusals as what they mean to an operator."""
+        from rubrix_hooks import rabbitmq
+
+        # py-amqp: socket.timeout waiting for the confirm, "basic_publish: timed out" writing.
+        if any(isinstance(e, (socket.timeout, TimeoutError)) or "timed out" in str(e)
+               for e in (error, error.__cause__) if e is not None):
+            raise PublishUnconfirmed(f"not confirmed within {self._settings.publish_timeout:g}s") from None
+        mismatch = rabbitmq.mismatch_message(error, self._settings)
+        if mismatch is not None:
+            if not self._mismatch_logged:
+                log.error("telemetry: events held, not published: %s", mismatch)
+                self._mismatch_logged = True
+            raise rabbitmq.QueueTypeMismatch(mismatch) from None
+
+    def _discard_connection(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            try:
+                connection.collect()  # drops the socket without a closing handshake
+            except Exception:  # noqa: BLE001 (it is being thrown away)
+                pass
 
     def close(self) -> None:
+        if self._connection is not None:
+            self._connection.release()
         self._app.close()
 
 

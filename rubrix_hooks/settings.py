@@ -26,6 +26,9 @@ FALSE_VALUES = ("0", "false", "f", "no", "n", "off")
 SEGMENT_ENDPOINT = "https://api.segment.io"
 # The URL scheme of the embedded on-disk queue (rubrix_hooks/embedded_queue.py).
 EMBEDDED_SCHEME = "embedded"
+# Broker URL schemes that kombu serves with RabbitMQ's protocol (AMQP 0-9-1, py-amqp).
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+QUEUE_TYPES = ("classic", "quorum")
 
 
 class ConfigurationError(ValueError):
@@ -53,6 +56,9 @@ class Settings:
     max_retry_duration: float
     visibility_timeout: float
     http_timeout: float
+    # RabbitMQ only: the queue's type, and the broker's consumer_timeout as we know it.
+    queue_type: str
+    consumer_timeout: float
     # RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS: merged over ours (`broker_transport_options`).
     extra_transport_options: dict[str, Any] = field(default_factory=dict, hash=False)
     # Set when a switch variable holds a value that is neither true nor false: telemetry is
@@ -66,6 +72,10 @@ class Settings:
     @property
     def broker_url_or_default(self) -> str:
         return self.broker_url or f"{EMBEDDED_SCHEME}://localhost//"
+
+    @property
+    def uses_amqp_broker(self) -> bool:
+        return urlsplit(self.broker_url_or_default).scheme in AMQP_SCHEMES
 
     @property
     def is_segment(self) -> bool:
@@ -221,6 +231,12 @@ def _queue_name(raw: str) -> str:
     return raw
 
 
+def _queue_type(raw: str) -> str:
+    if raw.lower() not in QUEUE_TYPES:
+        raise ValueError
+    return raw.lower()
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     switch = telemetry_switch(env)
@@ -249,17 +265,30 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_retry_duration=_seconds(env, "RUBRIX_TELEMETRY_MAX_RETRY_DURATION", 86_400.0),
         visibility_timeout=_seconds(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0),
         http_timeout=_seconds(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0),
+        queue_type=_read(env, "RUBRIX_TELEMETRY_QUEUE_TYPE", "classic", _queue_type, "classic or quorum"),
+        consumer_timeout=_seconds(env, "RUBRIX_TELEMETRY_CONSUMER_TIMEOUT", 1800.0),
         extra_transport_options=_transport_options(env),
     )
     if settings.broker_url is not None:
         _check_broker_scheme(settings.broker_url)
     _check_transport_options(settings)
-    # With Redis and acks_late, a retry held longer than the visibility timeout is
-    # delivered twice (README, Configuration): refuse such a configuration outright.
-    if settings.backoff_max >= settings.visibility_timeout:
+    if settings.queue_type != "classic" and not settings.uses_amqp_broker:
         raise ConfigurationError(
-            "RUBRIX_TELEMETRY_BACKOFF_MAX must be below RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT "
-            f"({settings.backoff_max:g} >= {settings.visibility_timeout:g})"
+            f"RUBRIX_TELEMETRY_QUEUE_TYPE={settings.queue_type} needs a RabbitMQ broker (amqp://), "
+            f"not {urlsplit(settings.broker_url_or_default).scheme}://"
+        )
+    # A retry waits its countdown in a message the worker holds unacknowledged (acks_late; a
+    # Celery retry is a new message with an ETA, which the worker keeps until it is due). Held
+    # longer than the broker allows, it is redelivered to a second worker (Redis: visibility
+    # timeout), or RabbitMQ closes the worker's channel (consumer_timeout, celery#6760):
+    # refuse such a configuration outright.
+    if settings.uses_amqp_broker:
+        limit_name, limit = "RUBRIX_TELEMETRY_CONSUMER_TIMEOUT", settings.consumer_timeout
+    else:
+        limit_name, limit = "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", settings.visibility_timeout
+    if settings.backoff_max >= limit:
+        raise ConfigurationError(
+            f"RUBRIX_TELEMETRY_BACKOFF_MAX must be below {limit_name} ({settings.backoff_max:g} >= {limit:g})"
         )
     if settings.backoff_base > settings.backoff_max:
         raise ConfigurationError(
@@ -291,6 +320,11 @@ def _own_transport_options(settings: Settings) -> dict[str, Any]:
             "control_folder": str(folders["control"]),
             "unacked_folder": str(folders["unacked"]),
         }
+    if settings.uses_amqp_broker:
+        # Publisher confirms: a publish returns only once RabbitMQ has the message (the
+        # server's publisher then counts it; a worker's retry message is confirmed before
+        # the original is acknowledged). Unconfirmed, RabbitMQ may drop a message silently.
+        return {"confirm_publish": True}
     return {
         "visibility_timeout": settings.visibility_timeout,
         # kombu restores a dead worker's unacked messages only when its timer fires

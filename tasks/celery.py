@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 from celery import Celery
-from celery.signals import task_rejected, task_unknown, worker_ready
+from celery.signals import task_rejected, task_unknown, worker_init, worker_ready
 
+from rubrix_hooks import rabbitmq
 from rubrix_hooks.contract import DELIVER_TASK_NAME
 from rubrix_hooks.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
                                    masked_url, report_switch_error)
@@ -55,6 +57,8 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=settings.queue,
+    # On RabbitMQ, the queue is declared with RUBRIX_TELEMETRY_QUEUE_TYPE (`x-queue-type`).
+    task_queues=rabbitmq.task_queues(settings),
     task_routes={DELIVER_TASK_NAME: {"queue": settings.queue}},
     task_ignore_result=True,
     # Task events on, so that Flower sees every delivery, retry and failure.
@@ -62,6 +66,21 @@ app.conf.update(
     task_send_sent_event=True,
     timezone="UTC",
 )
+
+
+@worker_init.connect
+def _check_queue_type(**_: object) -> None:
+    """Stops the start with one line when the queue exists with another type: Celery would
+    stop with a traceback at its first declare, and a supervisor restart it for ever."""
+    if not settings.uses_amqp_broker:
+        return
+    try:
+        rabbitmq.ensure_queue(settings, timeout=max(settings.publish_timeout, 5.0))
+    except rabbitmq.QueueTypeMismatch as error:
+        print(f"rubrix-telemetry: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
+        log.debug("telemetry: could not check the queue before start: %r", error)
 
 
 @worker_ready.connect

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
+from rubrix_hooks import rabbitmq
 from rubrix_hooks.settings import Settings, embedded_broker_folders, load_settings, masked_url
 from tasks import counters
 from tasks.broker_redis import broker_redis, uses_redis
@@ -76,6 +77,7 @@ class BrokerReport:
     error: str | None = None
     queue_depth: int | None = None  # messages waiting in the telemetry queue
     unacked: int | None = None  # Redis only: messages workers hold (in delivery or awaiting a retry)
+    queue_error: str | None = None  # RabbitMQ: the queue exists with another type than configured
     counts: dict[str, Any] | None = None
     counts_error: str | None = None
 
@@ -108,6 +110,11 @@ def _probe_other(settings: Settings, report: BrokerReport) -> None:
     with Connection(settings.broker_url_or_default, connect_timeout=STATUS_TIMEOUT) as connection:
         connection.ensure_connection(max_retries=1)
     report.answers = True
+    if settings.uses_amqp_broker:
+        try:
+            report.queue_depth = rabbitmq.queue_depth(settings, STATUS_TIMEOUT)
+        except rabbitmq.QueueTypeMismatch as error:
+            report.queue_error = str(error)
     report.counts_error = f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker"
 
 
@@ -194,6 +201,8 @@ def collect_status(settings: Settings) -> Status:
             status.broker.counts_error = None
     # Switched off here, nothing is expected to flow: what broker and workers say is information only.
     if settings.enabled:
+        if status.broker.queue_error:
+            status.problems.append(status.broker.queue_error)
         if not status.broker.answers:
             status.problems.append(f"the broker {status.broker.url} does not answer: {status.broker.error}")
         elif not status.consuming:
@@ -209,9 +218,9 @@ def _as_json(status: Status) -> str:
     document = {"healthy": status.healthy, "problems": status.problems,
                 "telemetry": {"enabled": status.telemetry_enabled, "decided_by": status.decided_by},
                 "broker": {key: value for key, value in asdict(status.broker).items()
-                           if key not in ("queue_depth", "unacked", "counts", "counts_error")},
+                           if key not in ("queue_depth", "unacked", "queue_error", "counts", "counts_error")},
                 "queue": {"name": status.queue, "depth": status.broker.queue_depth,
-                          "unacked": status.broker.unacked},
+                          "unacked": status.broker.unacked, "error": status.broker.queue_error},
                 "endpoint": status.endpoint, "write_key_set": status.write_key_set,
                 "counts": status.broker.counts, "counts_error": status.broker.counts_error,
                 "workers": status.workers}

@@ -85,6 +85,44 @@ def celery_worker_in_process(redis_server: RedisServer):
 
 
 @pytest.fixture
+def collectors():
+    """Starts collectors of a test's own (`collectors(port, responder)`); stopped after it."""
+    from tasks.collector import Collector
+
+    started: list[Collector] = []
+
+    def start(port: int = 0, responder=None) -> Collector:
+        collector = Collector(port=port, responder=responder).start()
+        started.append(collector)
+        return collector
+
+    yield start
+    for collector in started:
+        collector.stop()
+
+
+@pytest.fixture
+def rabbitmq_vhost():
+    """A vhost of the test's own on the machine's RabbitMQ (127.0.0.1:5672), deleted after it."""
+    from tests.rabbitmq import MachineVhost
+
+    vhost = MachineVhost()
+    yield vhost
+    vhost.delete()
+
+
+@pytest.fixture
+def rabbitmq_node(tmp_path):
+    """A RabbitMQ node of the test's own, for alarms and restarts; stopped after it."""
+    from tests.rabbitmq import RabbitNode
+
+    node = RabbitNode(tmp_path / "rabbitmq")
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
 def pipeline(redis_server, celery_worker_in_process, backend):
     """Hooks -> Redis -> worker -> backend, all running; yields the backend."""
     yield backend

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -243,11 +244,29 @@ async def fire(count):
 count = int(sys.argv[1])
 flush_timeout = float(sys.argv[2])
 interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0  # seconds between events: a server firing for a while
+watch = len(sys.argv) > 4 and sys.argv[4] == "watch"
 elapsed, slowest = asyncio.run(fire(count))
-flushed = flush(flush_timeout) if flush_timeout >= 0 else None  # < 0: leave it to the exit flush
-print(json.dumps({"elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
+if watch:
+    # As a server runs: no flush; its stats every 0.25 s until nothing is pending, at most
+    # flush_timeout seconds; `stats` then says what the publisher did on its own.
+    deadline = time.monotonic() + flush_timeout
+    while stats()["pending"] and time.monotonic() < deadline:
+        print(json.dumps({"at": time.monotonic(), "stats": stats()}), flush=True)
+        time.sleep(0.25)
+    flushed = not stats()["pending"]
+else:
+    flushed = flush(flush_timeout) if flush_timeout >= 0 else None  # < 0: leave it to the exit flush
+print(json.dumps({"at": time.monotonic(), "elapsed": elapsed, "slowest": slowest, "flushed": flushed, "stats": stats(),
                   "threads": threading.active_count(), "celery_loaded": "celery" in sys.modules}))
 """
+
+
+def hook_client_argv(count: int, flush_timeout: float, watch: bool = False, interval: float = 0.0) -> list[str]:
+    """The command line of HOOK_CLIENT, `interval` seconds between two events; `watch`: it
+    prints its stats as JSON lines while the publisher works on its own (no flush), its
+    report last."""
+    return [sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout), str(interval),
+            *(["watch"] if watch else [])]
 
 
 def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
@@ -257,7 +276,7 @@ def run_hook_client(env: dict[str, str], count: int, flush_timeout: float = 5.0,
     import json
 
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", HOOK_CLIENT, str(count), str(flush_timeout), str(interval)],
+    done = subprocess.run(hook_client_argv(count, flush_timeout, interval=interval),
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
@@ -410,8 +429,29 @@ def unique_messages(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return {message["messageId"]: message for message in messages}
 
 
+# The worker's log line for a retry: "... to retry in 1.2s (HTTP 503)".
+RETRY_LINE = re.compile(r"to retry in (?P<countdown>[\d.]+)s \((?P<reason>[^)]*)\)")
+
+
+def retries_logged(worker: WorkerProcess) -> list[tuple[float, str]]:
+    """(countdown, reason) of every retry a worker process logged."""
+    return [(float(m["countdown"]), m["reason"]) for m in RETRY_LINE.finditer(worker.log())]
+
+
+def assert_each_delivered_once_after_dedup(events: list[dict[str, Any]], backend: Any) -> dict[str, int]:
+    """Every event reached the backend, unchanged, and nothing else did (duplicates only
+    with the same messageId); returns the figures."""
+    accepted = backend.accepted_messages()
+    unique = unique_messages(accepted)
+    assert set(unique) == {event["messageId"] for event in events}
+    for event in events:
+        assert unique[event["messageId"]]["properties"] == event["properties"]
+    return {"sent": len(events), "accepted": len(accepted), "unique": len(unique),
+            "duplicates": len(accepted) - len(unique)}
+
+
 def publish_events(count: int, queue: str, broker_url: str | None = None, embedded_data_dir: Path | None = None,
-                   events_per_task: int | None = None) -> list[dict[str, Any]]:
+                   events_per_task: int | None = None, queue_type: str = "classic") -> list[dict[str, Any]]:
     """`count` valid LogRecordsRequested events put on `queue` by the server's own publisher
     (settings.events_per_task per task message), on the embedded queue in `embedded_data_dir`
     when given; returns them as a worker reads them back."""
@@ -425,7 +465,7 @@ def publish_events(count: int, queue: str, broker_url: str | None = None, embedd
     settings = load_settings()
     settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,
                        buffer_size=max(count, settings.buffer_size),
-                       events_per_task=events_per_task or settings.events_per_task)
+                       events_per_task=events_per_task or settings.events_per_task, queue_type=queue_type)
     if embedded_data_dir is not None:
         settings = replace(settings, broker_url=None, data_dir=embedded_data_dir)
     sent: list[dict[str, Any]] = []

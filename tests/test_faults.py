@@ -7,23 +7,20 @@ own, scripted to fail. Figures measured here are in docs/reliability.md.
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
 
 import pytest
 
-from telemetry_ops.collector import Collector
-from tests.support import (RedisServer, children_fixture, free_port, message_ids, publish_events,
-                           unique_messages, wait_until)
+from tests.support import (RedisServer, assert_each_delivered_once_after_dedup, children_fixture, free_port,
+                           message_ids, publish_events, retries_logged, unique_messages, wait_until)
 
 pytestmark = pytest.mark.slow
 
 BACKOFF_BASE = 0.3
 BACKOFF_MAX = 2.0
 HTTP_TIMEOUT = 1.0
-RETRY_LINE = re.compile(r"to retry in (?P<countdown>[\d.]+)s \((?P<reason>[^)]*)\)")
 
 
 @pytest.fixture
@@ -31,40 +28,20 @@ def children(redis_server, tmp_path):
     yield from children_fixture(tmp_path)
 
 
-@pytest.fixture
-def collectors():
-    started: list[Collector] = []
-
-    def start(port: int = 0, responder=None) -> Collector:
-        collector = Collector(port=port, responder=responder).start()
-        started.append(collector)
-        return collector
-
-    yield start
-    for collector in started:
-        collector.stop()
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_url(request, redis_server) -> str:
+    """The same faults on each broker: the session's Redis, or a vhost of the test's own on RabbitMQ."""
+    if request.param == "redis":
+        return redis_server.url
+    return request.getfixturevalue("rabbitmq_vhost").url
 
 
-def retries_logged(worker) -> list[tuple[float, str]]:
-    return [(float(m["countdown"]), m["reason"]) for m in RETRY_LINE.finditer(worker.log())]
-
-
-def assert_each_delivered_once_after_dedup(events, backend) -> dict:
-    accepted = backend.accepted_messages()
-    unique = unique_messages(accepted)
-    assert set(unique) == {event["messageId"] for event in events}
-    for event in events:
-        assert unique[event["messageId"]]["properties"] == event["properties"]
-    return {"sent": len(events), "accepted": len(accepted), "unique": len(unique),
-            "duplicates": len(accepted) - len(unique)}
-
-
-def test_backend_refused_then_503_then_429_then_slow_then_back_delivers_everything(children, collectors):
+def test_backend_refused_then_503_then_429_then_slow_then_back_delivers_everything(children, collectors, broker_url):
     port = free_port()  # nothing listens there yet: connection refused
     queue = "faults-outage"
-    worker = children.worker(queue, f"http://127.0.0.1:{port}", backoff_base=str(BACKOFF_BASE),
+    worker = children.worker(queue, f"http://127.0.0.1:{port}", broker_url=broker_url, backoff_base=str(BACKOFF_BASE),
                              backoff_max=str(BACKOFF_MAX), http_timeout=str(HTTP_TIMEOUT))
-    events = publish_events(45, queue)  # three task messages: 20 + 20 + 5 events
+    events = publish_events(45, queue, broker_url=broker_url)  # three task messages: 20 + 20 + 5 events
 
     assert wait_until(lambda: sum(reason == "ConnectionError" for _, reason in retries_logged(worker)) >= 4,
                       timeout=30), worker.log()
@@ -104,7 +81,9 @@ def test_backend_refused_then_503_then_429_then_slow_then_back_delivers_everythi
     print("backend outage:", figures, "retries:", len(retries), sorted(reasons))
 
 
-def test_worker_killed_mid_delivery_its_events_arrive_after_the_visibility_timeout(children, collectors):
+def test_worker_killed_mid_delivery_its_events_arrive_via_another_worker(children, collectors, broker_url):
+    """Redis hands the killed worker's message on after the visibility timeout; RabbitMQ at
+    once, when the worker's connection drops."""
     queue = "faults-sigkill"
     visibility_timeout = 4.0
     in_flight, release = threading.Event(), threading.Event()
@@ -125,22 +104,22 @@ def test_worker_killed_mid_delivery_its_events_arrive_after_the_visibility_timeo
     backend = collectors(0, respond)
     settings = {"visibility_timeout": str(visibility_timeout), "backoff_max": str(BACKOFF_MAX),
                 "backoff_base": str(BACKOFF_BASE), "http_timeout": "30"}
-    first_worker = children.worker(queue, backend.url, **settings)
-    events = publish_events(30, queue)  # two task messages: 20 + 10 events
+    first_worker = children.worker(queue, backend.url, broker_url=broker_url, **settings)
+    events = publish_events(30, queue, broker_url=broker_url)  # two task messages: 20 + 10 events
 
     assert in_flight.wait(30), first_worker.log()
     first_worker.stop(signal.SIGKILL)
     killed_at = time.monotonic()
     release.set()
 
-    second_worker = children.worker(queue, backend.url, **settings)
+    second_worker = children.worker(queue, backend.url, broker_url=broker_url, **settings)
     assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 30, timeout=60), (
         second_worker.log())
     recovered_after = time.monotonic() - killed_at
     figures = assert_each_delivered_once_after_dedup(events, backend)
     # The killed delivery was never acknowledged: it came back through the broker.
     assert len(held) == 20 and set(held) <= set(message_ids(backend.accepted_messages()))
-    print("sigkill:", figures, f"recovered {recovered_after:.1f}s after the kill "
+    print(f"sigkill ({broker_url.split(':')[0]}):", figures, f"recovered {recovered_after:.1f}s after the kill "
           f"({recovered_after / visibility_timeout:.2f} x visibility timeout)")
 
 

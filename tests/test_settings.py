@@ -50,6 +50,8 @@ def test_a_value_neither_true_nor_false_is_off_with_an_error_naming_it():
     ("RUBRIX_TELEMETRY_BROKER_URL", "localhost:6379"),
     ("RUBRIX_TELEMETRY_QUEUE", "tele metry"),
     ("RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", "nan"),
+    ("RUBRIX_TELEMETRY_QUEUE_TYPE", "stream"),
+    ("RUBRIX_TELEMETRY_CONSUMER_TIMEOUT", "0"),
 ])
 def test_bad_value_names_the_variable(name, value):
     with pytest.raises(ConfigurationError, match=name):
@@ -59,6 +61,27 @@ def test_bad_value_names_the_variable(name, value):
 def test_backoff_must_stay_below_the_visibility_timeout():
     with pytest.raises(ConfigurationError, match="RUBRIX_TELEMETRY_BACKOFF_MAX"):
         load_settings({"RUBRIX_TELEMETRY_BACKOFF_MAX": "100", "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT": "60"})
+
+
+AMQP = {"RUBRIX_TELEMETRY_BROKER_URL": "amqp://guest:guest@rabbitmq:5672//"}
+
+
+def test_backoff_must_stay_below_rabbitmqs_consumer_timeout():
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings({**AMQP, "RUBRIX_TELEMETRY_BACKOFF_MAX": "1800"})
+    assert str(refused.value) == ("RUBRIX_TELEMETRY_BACKOFF_MAX must be below RUBRIX_TELEMETRY_CONSUMER_TIMEOUT "
+                                  "(1800 >= 1800)")
+    # A broker's own limit only: Redis's visibility timeout does not bound a RabbitMQ retry.
+    settings = load_settings({**AMQP, "RUBRIX_TELEMETRY_BACKOFF_MAX": "100", "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT": "60",
+                              "RUBRIX_TELEMETRY_CONSUMER_TIMEOUT": "3600"})
+    assert (settings.backoff_max, settings.consumer_timeout) == (100, 3600)
+
+
+def test_queue_type_defaults_to_classic_and_quorum_needs_rabbitmq():
+    assert load_settings({}).queue_type == "classic"
+    assert load_settings({**AMQP, "RUBRIX_TELEMETRY_QUEUE_TYPE": "Quorum"}).queue_type == "quorum"
+    with pytest.raises(ConfigurationError, match="RUBRIX_TELEMETRY_QUEUE_TYPE=quorum needs a RabbitMQ broker"):
+        load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "redis://redis:6379/0", "RUBRIX_TELEMETRY_QUEUE_TYPE": "quorum"})
 
 
 @pytest.mark.parametrize("command", [

@@ -1,0 +1,101 @@
+"""The telemetry queue on RabbitMQ: its declaration, its type, and its depth.
+
+Server, workers and `status` declare the queue alike, with `RUBRIX_TELEMETRY_QUEUE_TYPE`
+(`x-queue-type`). RabbitMQ refuses to re-declare an existing queue with another type
+(PRECONDITION_FAILED, "inequivalent arg 'x-queue-type'"); `mismatch_message` turns that
+refusal into one line naming the variable. kombu is imported inside the functions: a
+server that never publishes never loads it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rubrix_hooks.settings import Settings
+
+_CURRENT_TYPE = re.compile(r"current is (?:the value '(?P<type>\w+)'|none)")
+
+
+class QueueTypeMismatch(Exception):
+    """The queue exists on the broker with another type than RUBRIX_TELEMETRY_QUEUE_TYPE."""
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any]:
+    # Classic is declared without the argument, as Celery and release 0.1.0 always did, so
+    # that queues created by either stay equivalent.
+    return {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else {}
+
+
+def task_queues(settings: Settings) -> list[Any]:
+    """Celery's `task_queues`: the telemetry queue, of the configured type.
+
+    Its exchange stays direct, also for a quorum queue, so Celery does not use its "native
+    delayed delivery" for retries: measured with kombu 5.7, a countdown under 1 s there
+    raises ValueError and the retry's events are dropped. A retry then waits in the worker,
+    as on a classic queue, within RUBRIX_TELEMETRY_CONSUMER_TIMEOUT.
+    """
+    from kombu import Queue
+
+    return [Queue(settings.queue, routing_key=settings.queue, queue_arguments=queue_arguments(settings) or None)]
+
+
+def mismatch_message(error: BaseException, settings: Settings) -> str | None:
+    """The one line for a broker's refusal of our queue's type; None for any other error."""
+    text = str(getattr(error, "reply_text", "") or error)
+    if "PRECONDITION_FAILED" not in text or "x-queue-type" not in text:
+        return None
+    found = _CURRENT_TYPE.search(text)
+    current = (found.group("type") or "classic") if found else "another"
+    return (f"the queue {settings.queue!r} exists on the broker as a {current} queue, but "
+            f"RUBRIX_TELEMETRY_QUEUE_TYPE is {settings.queue_type}: set RUBRIX_TELEMETRY_QUEUE_TYPE={current}, "
+            f"or delete the queue (once empty) to re-create it")
+
+
+def _connection(settings: Settings, timeout: float) -> Any:
+    from kombu import Connection
+
+    # read/write timeouts bound every wait on the socket, the handshake's and the declares';
+    # one attempt only (kombu would otherwise try three times).
+    connection = Connection(settings.broker_url_or_default, connect_timeout=timeout, heartbeat=0,
+                            transport_options={"read_timeout": timeout, "write_timeout": timeout})
+    connection.ensure_connection(max_retries=0)
+    return connection
+
+
+def _declare(connection: Any, settings: Settings) -> None:
+    from amqp.exceptions import PreconditionFailed
+
+    channel = connection.channel()
+    try:
+        # As Celery declares it (durable, not auto-deleted), with our type.
+        channel.queue_declare(settings.queue, durable=True, auto_delete=False,
+                              arguments=queue_arguments(settings))
+    except PreconditionFailed as error:
+        message = mismatch_message(error, settings)
+        if message is None:
+            raise
+        raise QueueTypeMismatch(message) from None
+
+
+def ensure_queue(settings: Settings, timeout: float) -> None:
+    """Declares the queue with the configured type; raises QueueTypeMismatch if it exists
+    with another one."""
+    with _connection(settings, timeout) as connection:
+        _declare(connection, settings)
+
+
+def queue_depth(settings: Settings, timeout: float) -> int:
+    """Task messages ready in the queue (0 when it does not exist yet), asked with a passive
+    declare; raises QueueTypeMismatch when the queue exists with another type."""
+    from amqp.exceptions import NotFound
+
+    with _connection(settings, timeout) as connection:
+        try:
+            _, depth, _ = connection.channel().queue_declare(settings.queue, passive=True)
+        except NotFound:
+            return 0
+        # The queue exists: re-declaring it with our arguments creates nothing, and tells
+        # whether its type is the one configured.
+        _declare(connection, settings)
+        return int(depth)
