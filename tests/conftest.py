@@ -87,7 +87,7 @@ def celery_worker_in_process(redis_server: RedisServer):
 @pytest.fixture
 def collectors():
     """Starts collectors of a test's own (`collectors(port, responder)`); stopped after it."""
-    from tasks.collector import Collector
+    from telemetry_ops.collector import Collector
 
     started: list[Collector] = []
 

@@ -118,7 +118,7 @@ def test_quorum_queue_delivers_and_retries(rabbitmq_vhost, children, collectors)
 
 def status_json(**env: str) -> tuple[int, dict, str]:
     """`rubrix-telemetry status --json` as an operator runs it: (exit code, document, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "tasks.cli", "status", "--json"], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "telemetry_ops.cli", "status", "--json"], cwd=REPO_ROOT,
                           env=child_environment(**env), capture_output=True, text=True, timeout=30)
     return done.returncode, json.loads(done.stdout), done.stderr
 
