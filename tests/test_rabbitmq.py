@@ -144,7 +144,8 @@ def test_queue_of_another_type_stops_the_worker_and_fails_status_with_one_line_n
     assert "Traceback" not in worker.stderr + worker.stdout
     # status says the same: unhealthy, exit code 1, the one line.
     code, document, stderr = status_json(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE_TYPE=configured)
-    assert (code, stderr) == (1, f"rubrix-telemetry: unhealthy: {expected}\n")
+    # One line for the mismatch; the worker it stopped is missing too, and status says so.
+    assert code == 1 and stderr.splitlines()[0] == f"rubrix-telemetry: unhealthy: {expected}", stderr
     assert document["broker"]["answers"] and document["queue"]["error"] == expected
     print(f"queue type mismatch: the worker exited with 1 after {took:.1f}s")
 
@@ -174,8 +175,9 @@ def test_queue_depth_counts_waiting_messages_and_status_shows_it(rabbitmq_vhost)
     assert report["flushed"] and report["stats"]["published"] == 3
     assert rabbitmq.queue_depth(settings, timeout=3) == 3
     code, document, stderr = status_json(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE="depth")
-    assert code == 0, stderr
     assert document["queue"] == {"name": "depth", "depth": 3, "unacked": None, "error": None}
+    # Unhealthy, and rightly so: nothing consumes the queue the three messages wait in.
+    assert code == 1 and "no worker consumes the queue 'depth'" in stderr, stderr
 
 
 def test_queue_depth_gives_up_within_its_timeout_on_a_broker_that_never_answers():
@@ -188,3 +190,18 @@ def test_queue_depth_gives_up_within_its_timeout_on_a_broker_that_never_answers(
         assert time.monotonic() - started < 2.5
     finally:
         silent.close()
+
+
+def test_status_on_rabbitmq_shows_the_workers_and_what_they_delivered(rabbitmq_vhost, children, collectors,
+                                                                      tmp_path):
+    """RabbitMQ stores no counts: each worker keeps its own and answers status with them."""
+    backend = collectors(0)
+    worker = children.worker("telemetry", backend.url, broker_url=rabbitmq_vhost.url,
+                             data_dir=str(tmp_path / "worker-data"))
+    events = publish_events(30, "telemetry", broker_url=rabbitmq_vhost.url)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 30, timeout=30), worker.log()
+    code, document, stderr = status_json(RUBRIX_TELEMETRY_BROKER_URL=rabbitmq_vhost.url)
+    assert code == 0, stderr
+    assert document["queue"]["depth"] == 0 and document["counts_error"] is None
+    assert document["counts"]["delivered"] == len(events)
+    assert [w["name"] for w in document["workers"]] and all(w["deliveries"] for w in document["workers"])
