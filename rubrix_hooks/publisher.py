@@ -68,9 +68,12 @@ class CeleryBatchSender:
         self._app = Celery("rubrix_hooks", set_as_current=False)
         from rubrix_hooks import rabbitmq
 
+        # RabbitMQ: publisher confirms. A publish returns only once the broker has the
+        # message; unconfirmed, a blocked or failing broker can lose it without a word.
+        confirms = {"confirm_publish": True} if settings.uses_amqp_broker else {}
         self._app.conf.update(
             broker_url=settings.broker_url_or_default,
-            broker_transport_options=broker_transport_options(settings),
+            broker_transport_options={**broker_transport_options(settings), **confirms},
             broker_connection_timeout=settings.publish_timeout,
             broker_connection_retry=False,
             broker_connection_max_retries=0,
@@ -85,8 +88,7 @@ class CeleryBatchSender:
         )
         # Import the broker's transport now, not at the first publish (no network I/O).
         self._app.connection_for_write().release()
-        # RabbitMQ: each publish is confirmed (broker_transport_options), and every wait of
-        # it bounded: a broker that blocks publishers (memory or disk alarm) stops reading,
+        # RabbitMQ: every wait of a publish is bounded: a broker that blocks publishers (memory or disk alarm) stops reading,
         # so the write and the wait for the confirm each give up after the publish timeout.
         self._amqp = settings.uses_amqp_broker
         self._bounds = {"timeout": settings.publish_timeout, "confirm_timeout": settings.publish_timeout} \

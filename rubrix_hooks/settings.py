@@ -321,10 +321,9 @@ def _own_transport_options(settings: Settings) -> dict[str, Any]:
             "unacked_folder": str(folders["unacked"]),
         }
     if settings.uses_amqp_broker:
-        # Publisher confirms: a publish returns only once RabbitMQ has the message (the
-        # server's publisher then counts it; a worker's retry message is confirmed before
-        # the original is acknowledged). Unconfirmed, RabbitMQ may drop a message silently.
-        return {"confirm_publish": True}
+        # py-amqp needs none of Redis's options; the server's publisher adds its own
+        # (publisher confirms, `CeleryBatchSender`).
+        return {}
     return {
         "visibility_timeout": settings.visibility_timeout,
         # kombu restores a dead worker's unacked messages only when its timer fires
