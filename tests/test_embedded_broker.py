@@ -16,7 +16,7 @@ import pytest
 from telemetry_ops.collector import Collector
 from tests.support import (WorkerProcess, child_environment, children_fixture, message_ids, publish_events,
                            run_hook_client, unique_messages, wait_until)
-from tests.test_faults import assert_each_delivered_once_after_dedup, collectors  # noqa: F401 (a fixture)
+from tests.support import assert_each_delivered_once_after_dedup
 
 
 @pytest.mark.slow
