@@ -39,9 +39,13 @@ class Certificates:
         """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by it."""
         folder.mkdir(parents=True, exist_ok=True)
         openssl(folder, "req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", "ca.key", "-out", "ca.crt",
-                "-days", "2", "-subj", "/CN=rubrix-telemetry test CA")
-        (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+                "-days", "2", "-subj", "/CN=rubrix-telemetry test CA",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        # Python 3.13 verifies strictly (VERIFY_X509_STRICT): the CA must state its key usage,
+        # and a leaf certificate must name its issuer's key and say it is no CA.
+        leaf = "basicConstraints=CA:FALSE\nauthorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n"
+        (folder / "server.ext").write_text(leaf + "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        (folder / "client.ext").write_text(leaf + "extendedKeyUsage=clientAuth\n")
         for name in ("server", "client"):
             openssl(folder, "req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key",
                     "-out", f"{name}.csr", "-subj", f"/CN={name}")
