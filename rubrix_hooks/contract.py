@@ -1,7 +1,7 @@
 """The event contract: the only data that may ever leave a Rubrix server.
 
 Both sides import this module. The server's publisher checks every event with
-`checked_values` before it leaves the process; the worker checks it again when it takes it
+`checked_wire_event` before it leaves the process; the worker checks it again when it takes it
 off the queue (`rubrix_hooks.message`), so a producer (buggy, outdated or hostile) cannot
 smuggle anything past it. Event names, property names and platform keys are Rubrix 0.18's,
 which the maintainers' dashboards already use.
@@ -229,16 +229,6 @@ def checked_wire_event(raw: tuple[Any, ...], sequence: int) -> list[Any]:
     if encoder is None:
         raise InvalidEvent("unknown event")
     return encoder(raw, sequence)
-
-
-def checked_values(event: object, values: tuple[object, ...] | list[object]) -> list[Any]:
-    """The event's property values, in EVENT_FIELDS order, each passed through its rule."""
-    rules = _EVENT_RULES.get(event) if type(event) is str else None  # type: ignore[arg-type]
-    if rules is None:
-        raise InvalidEvent("unknown event")
-    if len(values) != len(rules):
-        raise InvalidEvent("properties outside the contract")
-    return [rule(value) for rule, value in zip(rules, values)]
 
 
 def raw_text(value: object) -> object:

@@ -36,7 +36,7 @@ from rubrix_hooks.contract import (
     checked_platform,
     checked_sequence,
     checked_timestamp_us,
-    checked_values,
+    checked_wire_event,
     iso_timestamp,
     message_id,
     validate_event,
@@ -133,19 +133,19 @@ def _read_format_2(kwargs: Mapping[str, Any]) -> ReceivedBatch:
         try:
             if not isinstance(raw, list) or len(raw) < 3:
                 raise InvalidEvent("event is not [event, timestamp, sequence, values...]")
-            name, timestamp, sequence = raw[0], raw[1], raw[2]
-            values = checked_values(name, raw[3:])
+            # The publisher's own check: one set of rules on both sides of the broker.
+            wire = checked_wire_event((raw[0], raw[1], *raw[3:]), checked_sequence(raw[2]))
             event = {
-                "event": name,
-                "messageId": message_id(prefix, checked_sequence(sequence)),
-                "timestamp": iso_timestamp(checked_timestamp_us(timestamp)),
-                "properties": dict(zip(EVENT_FIELDS[name], values)),
+                "event": wire[0],
+                "messageId": message_id(prefix, wire[2]),
+                "timestamp": iso_timestamp(checked_timestamp_us(wire[1])),
+                "properties": dict(zip(EVENT_FIELDS[wire[0]], wire[3:])),
             }
         except InvalidEvent as error:
             batch.dropped[f"invalid: {error.reason}"] += 1
             continue
         batch.events.append(event)
-        wire_by_id[event["messageId"]] = [name, timestamp, sequence, *values]
+        wire_by_id[event["messageId"]] = wire
 
     def retry(events: list[Event], platform: dict[str, str], started: float) -> tuple[list[Any], dict[str, Any]]:
         return [], encode(platform, prefix, [wire_by_id[event["messageId"]] for event in events], started)
