@@ -20,7 +20,7 @@ from bench.payload import WRITE_KEY
 from bench.pipeline import measure_latency, measure_throughput, run_producer
 from bench.report import check_targets, format_table
 from bench.server_cpu import measure as measure_server_cpu
-from bench.server_load import SEGMENT_CLIENT, LoadPlan, measure_server_rps
+from bench.server_load import CONTROL, FLOOR, SEGMENT_CLIENT, LoadPlan, measure_server_rps
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results.json"
 # A quick run's numbers are rough: they never replace the full run's results.json.
@@ -47,7 +47,7 @@ class Plan:
     compare_defaults: bool
 
 
-FULL = Plan(hook_calls=5000, hook_repetitions=5, load=LoadPlan(rounds=4, seconds=4, warmup_seconds=2),
+FULL = Plan(hook_calls=5000, hook_repetitions=5, load=LoadPlan(rounds=6, seconds=3, warmup_seconds=2),
             e2e_events=10_000, e2e_repetitions=2, latency_rate=100, latency_seconds=8, cpu_rounds=5,
             cpu_seconds=4, compare_defaults=True)
 QUICK = Plan(hook_calls=300, hook_repetitions=2, load=LoadPlan(rounds=1, seconds=1, warmup_seconds=1),
@@ -96,6 +96,8 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
             "disabled": {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"},
             "enabled": enabled,
             "broker_down": {**enabled, "RUBRIX_TELEMETRY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0"},
+            CONTROL: {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"},
+            FLOOR: {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"},
         }
         pipelines = {"ours": enabled, "segment": enabled}
         if plan.compare_defaults:
@@ -122,8 +124,8 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
         if probe["delivered"] < 20:
             raise RuntimeError(f"the pipeline does not deliver: {probe['delivered']}/20 probe events\n{worker.log()}")
 
-        log("server_rps: example server off / on / broker down, under load from another process ...")
-        server = measure_server_rps(envs, plan.load, redis, sink, logs)
+        log("server_rps: example server on / broker down / floor, each paired with off on a shared CPU ...")
+        server = measure_server_rps(envs, plan.load, redis, sink, logs, others=[worker.pid])
 
         log("e2e_events_per_s: ours (Redis + 1 worker) vs Segment's client, to the same sink ...")
         e2e = measure_throughput(pipelines, plan.e2e_events, plan.e2e_repetitions, sink)
@@ -143,6 +145,7 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
         "hook_us": {name: hooks[name] for name in ("ours", "segment", "apply_async")},
         "server_cpu_us_per_event": server_cpu["us_per_event"],
         "server_rps": {name: server["rps"][name] for name in ("disabled", "enabled", "broker_down")},
+        "server_rps_ratio": server["ratio_to_disabled"],
         "e2e_events_per_s": {name: e2e["e2e_events_per_s"][name] for name in ("ours", "segment")},
         "delivery_latency_ms": {"p50": latency["p50"], "p99": latency["p99"]},
         "worker_rss_mb": round(worker_rss, 1),
@@ -162,8 +165,8 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
         "server_cpu_us_per_request": server["cpu_us_per_request"],
         "server_latency_ms": server["latency_ms"],
         "server_events_delivered": server["events_delivered"],
-        "server_requests": {name: sum(r["requests"] for r in runs) for name, runs in server["runs"].items()},
-        "server_runs_rps": {name: [round(r["rps"], 1) for r in runs] for name, runs in server["runs"].items()},
+        "server_runs_rps": server["runs"],
+        "server_shared_cpu": server["shared_cpu"],
         "load_tool": server["load_tool"],
         "e2e_events_per_s_all": e2e["e2e_events_per_s"],
         "e2e_runs": e2e["e2e_runs"],

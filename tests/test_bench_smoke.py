@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 EXPECTED = {
     "hook_us": {"ours": ("p50", "p99"), "segment": ("p50", "p99"), "apply_async": ("p50", "p99")},
     "server_rps": ("disabled", "enabled", "broker_down"),
+    "server_rps_ratio": ("enabled", "broker_down", "disabled_control", "floor"),
     "e2e_events_per_s": ("ours", "segment"),
     "delivery_latency_ms": ("p50", "p99"),
 }
