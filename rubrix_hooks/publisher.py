@@ -172,8 +172,8 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._sender: SendBatch | None = None
         self._failures = 0
-        self._last_drop_warning = 0.0
-        self._dropped_since_warning = 0
+        self._last_drop_warning = -DROP_WARNING_INTERVAL  # the first drops are reported at once
+        self._dropped_reported = 0
 
     # -- request path ---------------------------------------------------------------
     def has_room(self) -> bool:
@@ -189,7 +189,7 @@ class Publisher:
             if self._thread is None:
                 self._start()
             return True
-        self.count_drop("buffer_full")
+        self.dropped["buffer_full"] += 1  # count_drop, inlined: every event of an outage comes here
         return False
 
     # -- control --------------------------------------------------------------------
@@ -247,6 +247,7 @@ class Publisher:
                 self._publish_all(drain)
             except Exception:  # never let the thread die: the server would silently stop reporting
                 log.exception("telemetry: unexpected error in the publisher")
+            self._report_drops()
             with self._idle:
                 self._idle.notify_all()
 
@@ -331,17 +332,22 @@ class Publisher:
             self._in_hand, self._in_hand_count = None, 0
 
     def count_drop(self, reason: str) -> None:
+        """Counts one dropped event. On the request path during an outage (every event is
+        dropped then), so only a counter: the publisher thread reports drops (`_report_drops`)."""
         self.dropped[reason] += 1
-        self._dropped_since_warning += 1
+
+    def _report_drops(self) -> None:
+        """At most one warning per DROP_WARNING_INTERVAL about events dropped since the last."""
+        total = sum(self.dropped.values())
         now = time.monotonic()
-        if now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
+        if total > self._dropped_reported and now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
             log.warning(
                 "telemetry: dropped %d events since the last report (%s); the server is not affected",
-                self._dropped_since_warning,
+                total - self._dropped_reported,
                 ", ".join(f"{why}: {n}" for why, n in self.dropped.items()),
             )
             self._last_drop_warning = now
-            self._dropped_since_warning = 0
+            self._dropped_reported = total
 
 
 _live_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
