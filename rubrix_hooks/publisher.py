@@ -245,9 +245,9 @@ class Publisher:
             drain, self._flush_requested = self._flush_requested, False
             try:
                 self._publish_all(drain)
+                self._report_drops()
             except Exception:  # never let the thread die: the server would silently stop reporting
                 log.exception("telemetry: unexpected error in the publisher")
-            self._report_drops()
             with self._idle:
                 self._idle.notify_all()
 
@@ -338,13 +338,14 @@ class Publisher:
 
     def _report_drops(self) -> None:
         """At most one warning per DROP_WARNING_INTERVAL about events dropped since the last."""
-        total = sum(self.dropped.values())
+        counts = dict(self.dropped)  # one C call: request threads may add a reason meanwhile
+        total = sum(counts.values())
         now = time.monotonic()
         if total > self._dropped_reported and now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
             log.warning(
                 "telemetry: dropped %d events since the last report (%s); the server is not affected",
                 total - self._dropped_reported,
-                ", ".join(f"{why}: {n}" for why, n in self.dropped.items()),
+                ", ".join(f"{why}: {n}" for why, n in counts.items()),
             )
             self._last_drop_warning = now
             self._dropped_reported = total
