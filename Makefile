@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 .PHONY: bench bench-smoke soak
 
-# Full run, about three minutes: prints the table and writes bench/results.json.
+# Full run, about five minutes: prints the table and writes bench/results.json.
 bench:
 	$(PYTHON) -m bench
 
