@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
@@ -76,7 +77,7 @@ class BrokerReport:
     answers: bool = False
     error: str | None = None
     queue_depth: int | None = None  # messages waiting in the telemetry queue
-    unacked: int | None = None  # Redis only: messages workers hold (in delivery or awaiting a retry)
+    unacked: int | None = None  # Redis, embedded: messages workers hold (in delivery or awaiting a retry)
     queue_error: str | None = None  # RabbitMQ: the queue exists with another type than configured
     counts: dict[str, Any] | None = None
     counts_error: str | None = None
@@ -101,7 +102,20 @@ def _probe_embedded(settings: Settings, report: BrokerReport) -> None:
     # kombu's filesystem transport names each message `<time>_<id>.<queue>.msg`.
     ours = f"{settings.queue}.msg"
     report.queue_depth = sum(1 for name in os.listdir(queue_folder) if name.partition(".")[2] == ours)
+    # A taken message keeps its name in its worker's folder `unacked/<pid>-<random>/` until
+    # the ack deletes it (or it goes back to the queue when its worker dies).
+    unacked_root = embedded_broker_folders(settings)["unacked"]
+    held = [folder for folder in unacked_root.iterdir() if folder.is_dir()] if unacked_root.is_dir() else []
+    report.unacked = sum(1 for folder in held for name in _names_in(folder) if name.partition(".")[2] == ours)
     report.counts = counters.read_counts(settings)
+
+
+def _names_in(folder: Path) -> list[str]:
+    """The folder's entries; none when it has just gone (its worker acked its last message)."""
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
 
 
 def _probe_other(settings: Settings, report: BrokerReport) -> None:
