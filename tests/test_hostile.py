@@ -227,11 +227,11 @@ def assert_inside_the_contract(backend) -> list[dict]:
     raw = json.dumps([{"headers": r.headers, "body": r.body} for r in backend.requests], ensure_ascii=False)
     assert CANARY not in raw
     messages = backend.accepted_messages()
-    for message in messages:
-        assert set(message) == MESSAGE_KEYS and message["type"] == "track"
-        event = {key: message[key] for key in EVENT_KEYS}
+    for delivered in messages:  # not `message`: that is the module of the task message format
+        assert set(delivered) == MESSAGE_KEYS and delivered["type"] == "track"
+        event = {key: delivered[key] for key in EVENT_KEYS}
         assert validate_event(event) == event
-        assert set(message["context"]) == set(PLATFORM_KEYS) and message["context"] == platform_info()
+        assert set(delivered["context"]) == set(PLATFORM_KEYS) and delivered["context"] == platform_info()
     return messages
 
 
