@@ -175,6 +175,16 @@ def child_environment(**overrides: str | None) -> dict[str, str]:
     return env
 
 
+def status_json(**env: str | None) -> tuple[int, dict[str, Any], str]:
+    """`rubrix-telemetry status --json` as an operator runs it, with `env` over the test
+    environment (`child_environment`): (exit code, document, stderr)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "telemetry_ops.cli", "status", "--json"], cwd=REPO_ROOT,
+                          env=child_environment(**env), capture_output=True, text=True, timeout=30)
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
     """Signals a child and waits for it; kills it if it has not exited after `timeout`."""
     if process.poll() is None:

@@ -6,10 +6,7 @@ these tests kill real `celery -A tasks worker` processes on it. Figures in docs/
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from telemetry_ops.collector import Collector
-from tests.support import (REPO_ROOT, WorkerProcess, child_environment, children_fixture, message_ids, publish_events,
-                           run_hook_client, unique_messages, wait_until)
+from tests.support import (WorkerProcess, child_environment, children_fixture, message_ids, publish_events,
+                           run_hook_client, status_json, unique_messages, wait_until)
 from tests.support import assert_each_delivered_once_after_dedup
 
 
@@ -88,14 +85,6 @@ def watched_tmp(tmp_path) -> dict[str, str]:
     return {"TMPDIR": str(folder)}
 
 
-def _status_json(data: Path) -> dict:
-    """`rubrix-telemetry status --json` on the embedded queue in `data`, as an operator runs it."""
-    done = subprocess.run([sys.executable, "-m", "telemetry_ops.cli", "status", "--json"], cwd=REPO_ROOT,
-                          env=child_environment(RUBRIX_TELEMETRY_BROKER_URL=None, RUBRIX_TELEMETRY_DATA_DIR=str(data)),
-                          capture_output=True, text=True, timeout=30)
-    return json.loads(done.stdout)
-
-
 @pytest.mark.slow
 def test_worker_killed_mid_delivery_the_next_worker_delivers_its_batch(children, collectors, watched_tmp, tmp_path):
     data = tmp_path / "data"
@@ -106,7 +95,8 @@ def test_worker_killed_mid_delivery_the_next_worker_delivers_its_batch(children,
     assert in_flight.wait(30), first.log()
     # `status` counts the batch the worker holds apart from what still waits (the second
     # message, unless the worker has already taken it too).
-    queue = _status_json(data)["queue"]
+    _, document, _ = status_json(RUBRIX_TELEMETRY_BROKER_URL=None, RUBRIX_TELEMETRY_DATA_DIR=str(data))
+    queue = document["queue"]
     assert queue["unacked"] >= 1 and queue["depth"] + queue["unacked"] == 2, queue
     first.stop(signal.SIGKILL)
     killed_at = time.monotonic()

@@ -19,7 +19,7 @@ from rubrix_hooks import rabbitmq
 from rubrix_hooks.settings import load_settings
 from tests.support import (REPO_ROOT, SilentBroker, assert_each_delivered_once_after_dedup, child_environment,
                            children_fixture, hook_client_argv, publish_events, retries_logged, run_hook_client,
-                           scripted, unique_messages)
+                           scripted, status_json, unique_messages)
 
 pytestmark = pytest.mark.slow
 
@@ -115,13 +115,6 @@ def test_quorum_queue_delivers_and_retries(rabbitmq_vhost, children, collectors)
     figures = assert_each_delivered_once_after_dedup(events, backend)
     assert {reason for _, reason in retries_logged(worker)} == {"HTTP 503", "HTTP 429"}, worker.log()
     print("quorum:", figures)
-
-
-def status_json(**env: str) -> tuple[int, dict, str]:
-    """`rubrix-telemetry status --json` as an operator runs it: (exit code, document, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "telemetry_ops.cli", "status", "--json"], cwd=REPO_ROOT,
-                          env=child_environment(**env), capture_output=True, text=True, timeout=30)
-    return done.returncode, json.loads(done.stdout), done.stderr
 
 
 @pytest.mark.parametrize("existing, configured", [("quorum", "classic"), ("classic", "quorum")])
