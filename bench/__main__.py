@@ -92,12 +92,13 @@ def run(plan: Plan, workdir: Path, log: Any) -> dict[str, Any]:
     try:
         enabled = telemetry_env(workdir / "data", RUBRIX_ENABLE_TELEMETRY="1", RUBRIX_TELEMETRY_BROKER_URL=redis.url,
                                 RUBRIX_TELEMETRY_ENDPOINT=sink.url, RUBRIX_TELEMETRY_KEY=WRITE_KEY, **TUNED)
+        disabled = {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"}
         envs = {
-            "disabled": {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"},
+            "disabled": disabled,
             "enabled": enabled,
             "broker_down": {**enabled, "RUBRIX_TELEMETRY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0"},
-            CONTROL: {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"},
-            FLOOR: {**enabled, "RUBRIX_ENABLE_TELEMETRY": "0"},
+            CONTROL: disabled,
+            FLOOR: disabled,  # our hooks off; bench/peer_server.py puts the floor's in their place
         }
         pipelines = {"ours": enabled, "segment": enabled}
         if plan.compare_defaults:

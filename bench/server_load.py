@@ -37,6 +37,7 @@ from typing import Any
 from bench.infra import REPO_ROOT, Child, Redis, cpu_seconds, free_port, last_json_line, wait_until
 from bench.peer_server import FLOOR_QUEUE
 from bench.sink import Sink
+from bench.stats import median_of
 
 CONNECTIONS = 16
 BASELINE = "disabled"
@@ -186,17 +187,16 @@ def measure_server_rps(envs: dict[str, dict[str, str]], plan: LoadPlan, redis: R
         pin(os.getpid(), own_affinity)
         redis.client().delete(FLOOR_QUEUE)
     every_baseline = [run for name in names for run in baseline_runs[name]]
+    summary = {name: median_of({key: run[key] for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")}
+                               for run in results)
+               for name, results in {BASELINE: every_baseline, **runs}.items()}
     return {
         "ratio_to_disabled": {name: round(statistics.median(run["rps"] / base["rps"]
                                                             for run, base in zip(runs[name], baseline_runs[name])), 3)
                               for name in names},
-        "rps": {BASELINE: round(statistics.median(run["rps"] for run in every_baseline), 1),
-                **{name: round(statistics.median(run["rps"] for run in runs[name]), 1) for name in names}},
-        "cpu_us_per_request": {
-            BASELINE: round(statistics.median(run["cpu_us_per_request"] for run in every_baseline), 1),
-            **{name: round(statistics.median(run["cpu_us_per_request"] for run in runs[name]), 1) for name in names}},
-        "latency_ms": {name: {"p50": statistics.median(run["p50_ms"] for run in runs[name]),
-                              "p99": statistics.median(run["p99_ms"] for run in runs[name])} for name in names},
+        "rps": {name: round(values["rps"], 1) for name, values in summary.items()},
+        "cpu_us_per_request": {name: round(values["cpu_us_per_request"], 1) for name, values in summary.items()},
+        "latency_ms": {name: {"p50": values["p50_ms"], "p99": values["p99_ms"]} for name, values in summary.items()},
         "shared_cpu": None if cpus is None else {"servers": sorted(cpus[0]), "others": sorted(cpus[1])},
         "runs": {name: [{"rps": round(run["rps"], 1), "disabled_rps": round(base["rps"], 1)}
                         for run, base in zip(runs[name], baseline_runs[name])] for name in names},
