@@ -90,7 +90,12 @@ def test_worker_killed_mid_delivery_the_next_worker_delivers_its_batch(children,
     data = tmp_path / "data"
     backend, in_flight, release, held = _held_first_delivery(collectors)
     first = children.worker("telemetry", backend.url, embedded_data_dir=data, env=watched_tmp, http_timeout="60")
-    events = publish_events(30, "telemetry", embedded_data_dir=data)  # two task messages: 20 + 10 events
+    # Two task messages, 20 events then 10. The filesystem transport takes files in name order,
+    # `<milliseconds>_<uuid>`: two published in the same millisecond are taken in random order,
+    # so the second waits for the next millisecond and the worker takes the 20 first.
+    events = publish_events(20, "telemetry", embedded_data_dir=data)
+    time.sleep(0.01)
+    events += publish_events(10, "telemetry", embedded_data_dir=data)
 
     assert in_flight.wait(30), first.log()
     # `status` counts the batch the worker holds apart from what still waits (the second
