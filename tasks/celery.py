@@ -7,7 +7,8 @@ import sys
 
 import click
 from celery import Celery
-from celery.signals import task_rejected, task_unknown, worker_init, worker_ready
+from celery.signals import (task_rejected, task_unknown, worker_init, worker_process_shutdown, worker_ready,
+                            worker_shutdown)
 
 from rubrix_hooks import rabbitmq
 from rubrix_hooks.contract import DELIVER_TASK_NAME
@@ -109,3 +110,13 @@ def _count_rejected(exc: BaseException | None = None, **_: object) -> None:
 @task_unknown.connect
 def _count_unknown(**_: object) -> None:
     counters.record(settings, dropped={"rejected message (unregistered task)": 1})
+
+
+# Counts the broker could not take (it was down) are retried in the background; a stopping
+# worker (or pool process) tries once more, and says what it could not write.
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _write_held_counts(**_: object) -> None:
+    unwritten = counters.write_unwritten(settings)
+    if unwritten:
+        log.warning("telemetry: stopping with counts the broker did not take, missing from status: %s", unwritten)

@@ -7,6 +7,10 @@ embedded on-disk broker, a small JSON file in the data folder under an exclusive
 A broker that stores no values (RabbitMQ) gets the same file in each worker's data folder,
 and each worker reports its own in its answer to `rubrix-telemetry status`, which adds them
 up (`tasks/remote_status.py`). Counting is bookkeeping: it never makes a task fail.
+
+A count the broker cannot take (it is down, or failing over to a Sentinel replica) is kept
+in the process and added with the next one, or by a timer within seconds of the broker
+answering again; a worker stopping tries once more and logs what it could not write.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import fcntl
 import json
 import logging
 import os
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -30,7 +36,28 @@ DELIVERED = "delivered"
 RETRIED = "retried"
 DROPPED_PREFIX = "dropped:"
 
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+
 _clients: dict[tuple[int, str], BrokerRedis] = {}
+
+# Increments this process has not written yet. The lock also keeps one writer at a time (a
+# task and the retry timer), so that no increment is written twice or lost between them.
+_unwritten: Counter[str] = Counter()
+_unwritten_lock = threading.Lock()
+_retry_timer: threading.Timer | None = None
+_retry_delay = RETRY_FIRST_SECONDS
+
+
+def _forget_parent_increments() -> None:
+    # A forked pool child starts with none of its parent's: the parent writes its own.
+    global _unwritten_lock, _retry_timer, _retry_delay
+    _unwritten.clear()
+    _unwritten_lock = threading.Lock()
+    _retry_timer, _retry_delay = None, RETRY_FIRST_SECONDS
+
+
+os.register_at_fork(after_in_child=_forget_parent_increments)
 
 
 class CountsUnavailable(Exception):
@@ -83,20 +110,55 @@ def _update_file(path: Path, increments: Mapping[str, int]) -> dict[str, int]:
 
 def record(settings: Settings, delivered: int = 0, retried: int = 0,
            dropped: Mapping[str, int] | None = None) -> None:
-    """Adds to the shared counts; logs at debug and carries on when it cannot."""
+    """Adds to the shared counts, with any this process could not write before; what the
+    broker does not take now is kept and retried (see the module's docstring)."""
     increments = _increments(delivered, retried, dropped or {})
     if not increments:
         return
+    with _unwritten_lock:
+        _unwritten.update(increments)
+        _write_unwritten(settings)
+
+
+def write_unwritten(settings: Settings) -> dict[str, int]:
+    """Tries once to write what this process holds; answers what is still unwritten."""
+    with _unwritten_lock:
+        _write_unwritten(settings)
+        return dict(_unwritten)
+
+
+def _write_unwritten(settings: Settings) -> None:
+    # Called with _unwritten_lock held.
+    global _retry_delay
+    if not _unwritten:
+        return
     try:
         if not uses_redis(settings):
-            _update_file(counts_file(settings), increments)
+            _update_file(counts_file(settings), _unwritten)
         else:
-            pipe = _worker_client(settings).pipeline(transaction=False)
-            for name, n in increments.items():
+            # MULTI/EXEC: all of the increments or none, so that a retry adds nothing twice.
+            pipe = _worker_client(settings).pipeline(transaction=True)
+            for name, n in _unwritten.items():
                 pipe.hincrby(REDIS_KEY, name, n)
             pipe.execute()
     except Exception as error:  # noqa: BLE001 (bookkeeping must never fail a delivery)
-        log.debug("telemetry: could not count %s: %r", increments, error)
+        log.debug("telemetry: could not write the counts %s yet: %r", dict(_unwritten), error)
+        _schedule_retry(settings)
+        return
+    _unwritten.clear()
+    _retry_delay = RETRY_FIRST_SECONDS
+
+
+def _schedule_retry(settings: Settings) -> None:
+    # Called with _unwritten_lock held. One timer at a time, backing off while the broker
+    # stays away; a daemon thread, so it never holds a stopping worker.
+    global _retry_timer, _retry_delay
+    if _retry_timer is not None and _retry_timer.is_alive() and _retry_timer is not threading.current_thread():
+        return
+    _retry_timer = threading.Timer(_retry_delay, write_unwritten, args=(settings,))
+    _retry_timer.daemon = True
+    _retry_timer.start()
+    _retry_delay = min(_retry_delay * 2, RETRY_MAX_SECONDS)
 
 
 def read_counts(settings: Settings, client: Any = None) -> dict[str, Any]:
