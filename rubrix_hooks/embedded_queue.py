@@ -15,6 +15,16 @@ changes only what happens to the file between "taken" and "acknowledged":
   not a pid check, because pids are reused (a restarted container's worker often gets the same
   one) and are not comparable across the pid namespaces of containers sharing the data folder.
 
+Celery's broadcast queues (remote control, which `status` and Flower use, and task events,
+which Flower reads) are declared with a message TTL and an expiry that kombu's filesystem
+transport ignores: the queue of a consumer that is gone (a worker stopped or killed, a
+Flower killed) stays bound, and every broadcast (each `status`, each worker heartbeat every
+2 s, three events per task) left a file there for ever. Here such a message that nobody took
+within Celery's own TTL (remote control 300 s, events 5 s; transport options
+`control_message_ttl` and `event_message_ttl`) is deleted and its queue unbound; a live
+consumer binds its queues again at every sweep, so a stall longer than the TTL costs it
+only the broadcasts of that moment.
+
 Every move is a rename inside the data folder: atomic, so exactly one consumer takes each
 message, and no file is written anywhere else. Message files keep kombu's names
 (`<ms>_<uuid>.<queue>.msg`), so a returned message sorts before newer ones and `status`
@@ -46,8 +56,13 @@ from rubrix_hooks.settings import EMBEDDED_SCHEME
 
 log = logging.getLogger("rubrix_hooks.embedded_queue")
 
-# How often a consumer looks for messages whose owner has died (besides at its start).
+# How often a consumer looks for messages whose owner has died (besides at its start),
+# and for broadcasts nobody took.
 ORPHAN_SWEEP_INTERVAL = 5.0
+# Celery's defaults for the message TTL of its broadcast queues (control_queue_ttl,
+# event_queue_ttl). Queues are told apart by the names Celery gives them.
+CONTROL_MESSAGE_TTL = 300.0  # `<worker>.celery.pidbox`, and `<uuid>.reply.celery.pidbox`
+EVENT_MESSAGE_TTL = 5.0  # `celeryev.<uuid>`
 # How long an idle consumer waits between two looks at the queue folder: a listdir, ten
 # times a second. kombu's default of 1 s would add up to a second to every delivery.
 POLLING_INTERVAL = 0.1
@@ -158,6 +173,45 @@ def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = N
     return restored
 
 
+def broadcast_ttl(queue: str, control_ttl: float, event_ttl: float) -> float | None:
+    """The TTL of a message in one of Celery's broadcast queues; None for any other queue."""
+    if queue.endswith(".celery.pidbox"):
+        return control_ttl
+    if queue.startswith("celeryev."):
+        return event_ttl
+    return None
+
+
+def expire_broadcasts(channel: filesystem.Channel, control_ttl: float, event_ttl: float) -> set[str]:
+    """Deletes every broadcast message older than its TTL, and unbinds its queue (the queue of
+    a consumer that is gone: a live one took it long ago); returns those queues."""
+    queue_folder = Path(channel.data_folder_in)
+    now = time.time()
+    stale: set[str] = set()
+    for name in os.listdir(queue_folder):
+        queue = name.partition(".")[2].removesuffix(".msg")  # `<ms>_<uuid>.<queue>.msg`
+        ttl = broadcast_ttl(queue, control_ttl, event_ttl)
+        if ttl is None:
+            continue
+        try:
+            if now - (queue_folder / name).stat().st_mtime < ttl:
+                continue
+            (queue_folder / name).unlink()
+        except FileNotFoundError:
+            continue  # taken, or deleted by another sweeper
+        stale.add(queue)
+    if not stale:
+        return stale
+    for exchange_file in Path(channel.control_folder).glob("*.exchange"):
+        exchange = exchange_file.name.removesuffix(".exchange")
+        for binding in channel.get_table(exchange):
+            if binding.queue in stale:
+                # kombu's delete: drops the binding and whatever else waits in the queue.
+                channel._delete(binding.queue, exchange, binding.routing_key, binding.pattern)
+    log.info("embedded queue: unbound %d broadcast queue(s) nobody consumes: %s", len(stale), sorted(stale))
+    return stale
+
+
 class Channel(filesystem.Channel):
     """The filesystem channel, taking messages by rename into this process's unacked folder."""
 
@@ -166,6 +220,7 @@ class Channel(filesystem.Channel):
         self._taken: dict[str, Path] = {}  # delivery tag -> its file in our unacked folder
         self._no_ack_queues: set[str] = set()  # remote control and event queues: no acks come
         self._next_sweep = 0.0
+        self._own_bindings: set[tuple[str, str, str, str]] = set()  # (exchange, routing key, pattern, queue)
 
     @property
     def unacked_root(self) -> Path:
@@ -176,8 +231,7 @@ class Channel(filesystem.Channel):
         queue_folder = self.data_folder_in
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
-            mine = _owners.get((os.getpid(), self.unacked_root))
-            restore_orphans(self.unacked_root, Path(queue_folder), skip=mine.name if mine else None)
+            self._sweep(Path(queue_folder))
         wanted = f"{queue}.msg"
         for name in sorted(os.listdir(queue_folder)):
             if name.partition(".")[2] != wanted:
@@ -201,6 +255,21 @@ class Channel(filesystem.Channel):
                 self._taken[tag] = taken
             return payload
         raise Empty()
+
+    def _sweep(self, queue_folder: Path) -> None:
+        mine = _owners.get((os.getpid(), self.unacked_root))
+        restore_orphans(self.unacked_root, queue_folder, skip=mine.name if mine else None)
+        expire_broadcasts(self, float(self.transport_options.get("control_message_ttl", CONTROL_MESSAGE_TTL)),
+                          float(self.transport_options.get("event_message_ttl", EVENT_MESSAGE_TTL)))
+        # Bind again the queues this channel consumes: another sweeper unbinds a queue whose
+        # broadcast waited past its TTL, which a consumer stalled that long would have let happen.
+        for exchange, routing_key, pattern, queue in self._own_bindings:
+            if queue in self._active_queues:
+                super()._queue_bind(exchange, routing_key, pattern, queue)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        super()._queue_bind(exchange, routing_key, pattern, queue)
+        self._own_bindings.add((exchange, routing_key or "", pattern or "", queue))
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:

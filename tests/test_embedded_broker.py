@@ -6,7 +6,10 @@ these tests kill real `celery -A tasks worker` processes on it. Figures in docs/
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from telemetry_ops.collector import Collector
-from tests.support import (WorkerProcess, child_environment, children_fixture, message_ids, publish_events,
+from tests.support import (REPO_ROOT, WorkerProcess, child_environment, children_fixture, message_ids, publish_events,
                            run_hook_client, status_json, unique_messages, wait_until)
 from tests.support import assert_each_delivered_once_after_dedup
 
@@ -116,7 +119,7 @@ def test_worker_killed_mid_delivery_the_next_worker_delivers_its_batch(children,
     assert "back in the queue" in second.log()
     broker = data / "broker"
     # Nothing of ours is left. (`status`'s question to the first worker, which was busy and
-    # then killed, stays in that worker's mailbox: the filesystem transport keeps no expiry.)
+    # then killed, waits in that worker's mailbox for its 300 s TTL: see the last test.)
     assert [name for name in _left_in(broker / "queue") if not name.endswith(".celery.pidbox.msg")] == []
     # Only the live worker's own (empty) claim is left once its last ack is in.
     assert wait_until(lambda: not [n for n in _left_in(broker / "unacked") if n.endswith(".msg")], timeout=5), (
@@ -172,3 +175,58 @@ def test_prefork_worker_drains_300_one_event_tasks_quickly(children, collectors,
     assert figures["duplicates"] == 0
     assert _left_in(data / "broker" / "queue") == [] and _left_in_system_tmp(watched_tmp) == []
     print(f"embedded drain: 300 one-event tasks in {took:.2f}s = {300 / took:.0f} tasks/s (prefork -c 2)")
+
+
+# -- broadcasts to consumers that are gone ------------------------------------------------------
+
+def _bound_queues(broker: Path, exchange: str) -> list[str]:
+    table = broker / "control" / f"{exchange}.exchange"
+    return [queue for _, _, queue in json.loads(table.read_text())] if table.exists() else []
+
+
+def _messages_of(broker: Path, queue: str) -> list[str]:
+    return [name for name in _left_in(broker / "queue") if name.endswith(f".{queue}.msg")]
+
+
+@pytest.mark.slow
+def test_broadcasts_to_a_killed_worker_and_a_killed_event_reader_expire_and_their_queues_are_unbound(
+        children, collectors, tmp_path):
+    # Celery's own TTLs are 300 s (remote control) and 5 s (events): shortened here.
+    data = tmp_path / "data"
+    broker = data / "broker"
+    env = {"RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS": json.dumps({"control_message_ttl": 2,
+                                                                    "event_message_ttl": 1})}
+    backend = collectors()
+    gone = children.worker("telemetry", backend.url, embedded_data_dir=data, env=env, extra_args=["-n", "gone@%h"])
+    gone_queue, = _bound_queues(broker, "celery.pidbox")
+    gone.stop(signal.SIGKILL)
+    status_env = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(data), **env}
+    reader = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "events", "--dump"], cwd=REPO_ROOT,
+                              env=child_environment(**status_env), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    assert wait_until(lambda: _bound_queues(broker, "celeryev"), timeout=30)
+    dead_reader_queue, = _bound_queues(broker, "celeryev")
+    reader.kill()
+    reader.wait()
+    live = children.worker("telemetry", backend.url, embedded_data_dir=data, env=env,
+                           extra_args=["-E", "-n", "live@%h"])
+    for _ in range(3):
+        status_json(**status_env)
+
+    # The killed worker's mailbox and the killed reader's event queue stop filling up: what was
+    # written to them expires, and nothing more is (heartbeats, every 2 s, would go on for ever).
+    def swept() -> bool:
+        return (gone_queue not in _bound_queues(broker, "celery.pidbox") and not _messages_of(broker, gone_queue)
+                and not _bound_queues(broker, "celeryev") and not _messages_of(broker, dead_reader_queue))
+    assert wait_until(swept, timeout=20, interval=0.5), (_left_in(broker), live.log()[-2000:])
+    code, document, _ = status_json(**status_env)
+    assert [worker["name"] for worker in document["workers"]] == [next(
+        queue.removesuffix(".celery.pidbox") for queue in _bound_queues(broker, "celery.pidbox"))], document
+    assert document["workers"][0]["name"].startswith("live@") and not _messages_of(broker, gone_queue)
+
+    # A live worker whose binding went (it stalled past the TTL) binds its mailbox again.
+    pidbox_table = broker / "control" / "celery.pidbox.exchange"
+    pidbox_table.write_text("[]")
+    assert wait_until(lambda: _bound_queues(broker, "celery.pidbox"), timeout=15, interval=0.5)
+    code, document, _ = status_json(**status_env)
+    assert code == 0 and document["workers"][0]["name"].startswith("live@"), document
