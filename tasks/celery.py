@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import click
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import (task_rejected, task_unknown, worker_init, worker_process_shutdown, worker_ready,
                             worker_shutdown)
 
@@ -57,6 +59,12 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    # A delivery under way when the broker connection drops runs to its end (the backend gets
+    # the events, the count is kept for later); its ack cannot reach the broker, so the message
+    # comes back and is delivered again under the same messageIds. Cancelling it instead (the
+    # future default) could cut a POST in the middle and gain nothing. Celery warns about this
+    # choice in ten lines at every connection loss; the one line it logs besides says enough.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     task_default_queue=settings.queue,
     # On RabbitMQ, the queue is declared with RUBRIX_TELEMETRY_QUEUE_TYPE (`x-queue-type`).
     task_queues=rabbitmq.task_queues(settings),
@@ -82,6 +90,13 @@ def _check_queue_type(**_: object) -> None:
         raise SystemExit(1) from None
     except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
         log.debug("telemetry: could not check the queue before start: %r", error)
+
+
+@worker_ready.connect
+def _quiet_the_cancel_warning(**_: object) -> None:
+    # After Celery's logging set-up, which puts its own "always show" filter first.
+    warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
+                            message=r"\s*In Celery 5.1 we introduced an optional breaking change")
 
 
 @worker_ready.connect
