@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else 0.0
+def _ratio(numerator: float, denominator: float) -> float | None:
+    # An added cost at or below zero is noise larger than the cost (a short run): no ratio.
+    return numerator / denominator if numerator >= 0 and denominator > 0 else None
 
 
 def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -24,7 +25,9 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "worker RSS < 150 MB": (results["worker_rss_mb"], "<", 150.0),
     }
     met = {"<=": lambda v, b: v <= b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b}
-    return {name: {"value": round(value, 3), "bound": f"{op} {bound:g}", "met": met[op](value, bound)}
+    # A value that could not be measured is no target met.
+    return {name: {"value": None if value is None else round(value, 3), "bound": f"{op} {bound:g}",
+                   "met": value is not None and met[op](value, bound)}
             for name, (value, op, bound) in checks.items()}
 
 
@@ -60,6 +63,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {name:<{width}} | {value} |" for name, value in rows]
     lines += ["", f"| {'target':<44} | value | met |", f"|{'-' * 46}|-------|-----|"]
-    lines += [f"| {name:<44} | {check['value']:g} | {'yes' if check['met'] else 'NO'} |"
+    lines += [f"| {name:<44} | {'n/a' if check['value'] is None else format(check['value'], 'g')} | "
+              f"{'yes' if check['met'] else 'NO'} |"
               for name, check in results.get("targets", {}).items()]
     return "\n".join(lines)

@@ -64,3 +64,16 @@ def test_quick_run_names_the_machine(quick_results: dict) -> None:
 def test_quick_run_checks_each_target_without_judging_it(quick_results: dict) -> None:
     assert len(quick_results["targets"]) == 8
     assert all(isinstance(check["met"], bool) for check in quick_results["targets"].values())
+
+
+def test_a_cost_lost_in_the_noise_is_no_target_met(quick_results: dict) -> None:
+    # A short run can measure the floor's added CPU below zero: ours/floor would be negative,
+    # which is "<= 3" and was once reported met.
+    from bench.report import check_targets, format_table
+
+    cpu = {**quick_results["server_cpu_us_per_event"], "ours": 5.0, "floor": -0.4}
+    results = {**quick_results, "server_cpu_us_per_event": cpu}
+    check = check_targets(results)["server CPU per event ours/floor <= 3"]
+    assert check == {"value": None, "bound": "<= 3", "met": False}
+    results["targets"] = check_targets(results)
+    assert any("n/a | NO" in line for line in format_table(results).splitlines() if "ours/floor" in line)
