@@ -141,12 +141,16 @@ def test_a_live_workers_batch_is_left_alone_and_taken_back_once_it_is_killed(chi
                             extra_args=["--pool", "prefork", "-c", "2"])
     events = publish_events(50, "telemetry", embedded_data_dir=data)  # 20 + 20 + 10
     assert in_flight.wait(30), first.log()
-    assert backend.wait_for(lambda b: len(b.accepted_messages()) >= 30, timeout=30), first.log()
+    # Which batch is held depends on which pool process posts first (and the three messages,
+    # written in the same millisecond, are taken in any order): the rest is delivered.
+    others = 50 - len(held)
+    assert backend.wait_for(lambda b: len(b.accepted_messages()) >= others, timeout=30), first.log()
 
     # Another worker starts and sweeps while the first is alive, holding its batch: it must not take it.
     second = children.worker("telemetry", backend.url, embedded_data_dir=data, env=watched_tmp)
     time.sleep(ORPHAN_SWEEP_INTERVAL + 1)
-    assert len(backend.accepted_messages()) == 30 and not set(held) & set(message_ids(backend.accepted_messages()))
+    assert len(backend.accepted_messages()) == others
+    assert not set(held) & set(message_ids(backend.accepted_messages()))
 
     first.stop(signal.SIGKILL)
     killed_at = time.monotonic()
