@@ -1,4 +1,5 @@
-"""The telemetry queue on RabbitMQ: its declaration, its type, and its depth.
+"""The telemetry queue on RabbitMQ: its declaration, its type, and its depth; and the
+deployment id, kept in a stream of the vhost.
 
 Server, workers and `status` declare the queue alike, with `RUBRIX_TELEMETRY_QUEUE_TYPE`
 (`x-queue-type`). RabbitMQ refuses to re-declare an existing queue with another type
@@ -10,9 +11,19 @@ server that never publishes never loads it.
 from __future__ import annotations
 
 import re
+import socket
+import time
+import uuid
 from typing import Any
 
 from rubrix_hooks.settings import Settings
+
+# The stream that holds the deployment id: its first message that is a UUID.
+DEPLOYMENT_ID_STREAM = "rubrix-telemetry.deployment-id"
+# How long a reader waits for the stream's first message before it counts the stream as
+# empty. Only the first workers of a new deployment wait it out; a wrong "empty" costs one
+# more message in the stream, never a second id.
+EMPTY_STREAM_WAIT = 0.5
 
 _CURRENT_TYPE = re.compile(r"current is (?:the value '(?P<type>\w+)'|none)")
 
@@ -99,3 +110,68 @@ def queue_depth(settings: Settings, timeout: float) -> int:
         # whether its type is the one configured.
         _declare(connection, settings)
         return int(depth)
+
+
+def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> str:
+    """The deployment id on RabbitMQ, which keeps no values but keeps streams: the first id in
+    the durable stream DEPLOYMENT_ID_STREAM of the vhost. Every worker reads the stream from
+    its start, so all agree; a worker that finds it empty appends `offered` (confirmed by the
+    broker) and reads again: several doing so at once all read the same first message.
+    Streams need RabbitMQ 3.9 or later; an older one raises, as an unreachable one does."""
+    from amqp.exceptions import InternalError, NotFound
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _read_or_offer_id(settings, offered, max(deadline - time.monotonic(), 0.5))
+        except (InternalError, NotFound):
+            # Measured on RabbitMQ 3.10: while a stream starts (just created: 541
+            # INTERNAL_ERROR; after a restart: 404 "home node ... is down"), a consume fails.
+            if time.monotonic() + 0.2 >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _read_or_offer_id(settings: Settings, offered: str, timeout: float) -> str:
+    from amqp import Message
+
+    with _connection(settings, timeout) as connection:
+        channel = connection.channel()
+        channel.queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False,
+                              arguments={"x-queue-type": "stream"})
+        found = _first_id(connection, EMPTY_STREAM_WAIT)
+        if found is None:
+            channel.basic_publish_confirm(Message(offered, delivery_mode=2, content_type="text/plain"),
+                                          exchange="", routing_key=DEPLOYMENT_ID_STREAM, timeout=timeout,
+                                          confirm_timeout=timeout)
+            found = _first_id(connection, timeout)
+        if found is None:
+            raise TimeoutError(f"no id read from the stream {DEPLOYMENT_ID_STREAM!r} within {timeout:g}s")
+        return found
+
+
+def _first_id(connection: Any, wait: float) -> str | None:
+    """The stream's first message that is a UUID, or None if none came within `wait` seconds."""
+    channel = connection.channel()
+    # One message at a time: a stream refuses rejects, and a consumer cancelled with more
+    # deliveries under way would reject them.
+    channel.basic_qos(0, 1, False)
+    found: list[str] = []
+
+    def take(message: Any) -> None:
+        body = message.body.decode("ascii", "replace") if isinstance(message.body, bytes) else str(message.body)
+        try:
+            found.append(str(uuid.UUID(body.strip())))
+        except ValueError:
+            channel.basic_ack(message.delivery_tag)  # not an id: on to the next message
+
+    tag = channel.basic_consume(DEPLOYMENT_ID_STREAM, callback=take, arguments={"x-stream-offset": "first"})
+    deadline = time.monotonic() + wait
+    while not found and (remaining := deadline - time.monotonic()) > 0:
+        try:
+            connection.drain_events(timeout=remaining)
+        except socket.timeout:
+            break
+    channel.basic_cancel(tag)
+    channel.close()
+    return found[0] if found else None

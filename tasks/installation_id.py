@@ -9,9 +9,12 @@ Ours is a random UUID: it says nothing about the machine. Where it is kept:
   already in that worker's data folder, so an installation that had one keeps it;
 - on the embedded queue, in the data folder: the queue lives there too, so the server and
   its workers share it by construction;
-- on RabbitMQ, which stores no values, in each worker's data folder: give every worker of
-  one deployment the same data folder volume (or the same `installation-id` file) and they
-  send one id. Without that, each data folder counts as an installation.
+- on RabbitMQ, which keeps no values, as the first message of a durable stream of the vhost
+  (`rubrix_hooks.rabbitmq.shared_deployment_id`): a worker that finds the stream empty
+  appends its data folder's id, and every worker reads the first one;
+- in the data folder only, when the broker cannot be asked (it does not answer, or it is a
+  RabbitMQ older than 3.9, which has no streams): one warning, and the broker is asked again
+  at the next delivery.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import uuid
 from pathlib import Path
 
+from rubrix_hooks import rabbitmq
 from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.broker_redis import uses_redis
@@ -82,16 +86,17 @@ def deployment_id(settings: Settings) -> str:
     """
     global _store_warned
     local = installation_id(settings.data_dir)
-    if not uses_redis(settings):
+    if uses_redis(settings):
+        ask = _ask_redis
+    elif settings.uses_amqp_broker:
+        ask = _ask_rabbitmq
+    else:
         return local
     key = (os.getpid(), settings.broker_url_or_default)
     if key in _deployment_ids:
         return _deployment_ids[key]
     try:
-        client = counters.broker_client(settings)
-        client.set(REDIS_KEY, local, nx=True)  # atomic: exactly one first value wins
-        stored = client.get(REDIS_KEY)
-        shared = str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
+        shared = ask(settings, local)
     except Exception as error:  # noqa: BLE001 (the delivery must go on; the id is retried next time)
         if not _store_warned:
             _store_warned = True
@@ -100,3 +105,14 @@ def deployment_id(settings: Settings) -> str:
         return local
     _deployment_ids[key] = shared
     return shared
+
+
+def _ask_redis(settings: Settings, offered: str) -> str:
+    client = counters.broker_client(settings)
+    client.set(REDIS_KEY, offered, nx=True)  # atomic: exactly one first value wins
+    stored = client.get(REDIS_KEY)
+    return str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
+
+
+def _ask_rabbitmq(settings: Settings, offered: str) -> str:
+    return rabbitmq.shared_deployment_id(settings, offered, timeout=max(settings.publish_timeout, 2.0))

@@ -1,13 +1,14 @@
 """One anonymousId per deployment: every worker sends the same one, whatever its data folder.
 
-Against a redis-server of the test's own (append-only, so that a restart keeps what it had)
-and real `celery -A tasks worker` children, each with a data folder of its own, as on two
-hosts or in two containers without a shared volume.
+Against a broker of the test's own (a redis-server, append-only so that a restart keeps what
+it had; or a RabbitMQ node) and real `celery -A tasks worker` children, each with a data
+folder of its own, as on two hosts or in two containers without a shared volume.
 """
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -23,12 +24,44 @@ def children(tmp_path):
     yield from children_fixture(tmp_path)
 
 
-@pytest.fixture
-def broker(tmp_path):
-    server = RedisServer(port=free_port(), folder=tmp_path / "redis")
-    server.start()
+class RedisBroker:
+    def __init__(self, folder: Path) -> None:
+        self.server = RedisServer(port=free_port(), folder=folder)
+        self.url = self.server.url
+
+    def stored_id(self) -> str:
+        return self.server.client().get(REDIS_KEY).decode()
+
+    def restart(self) -> None:
+        self.server.restart()
+
+
+class RabbitBroker:
+    def __init__(self, folder: Path) -> None:
+        from tests.rabbitmq import RabbitNode
+
+        self.server = RabbitNode(folder)
+        self.url = self.server.url
+
+    def stored_id(self) -> str:
+        from rubrix_hooks.rabbitmq import shared_deployment_id
+        from rubrix_hooks.settings import load_settings
+
+        # What a worker offering a new id would read: the stream's first, if it has one.
+        return shared_deployment_id(load_settings({"RUBRIX_TELEMETRY_BROKER_URL": self.url}),
+                                    offered=str(uuid.uuid4()), timeout=20)
+
+    def restart(self) -> None:
+        self.server.stop()
+        self.server.start()  # same folder: the durable stream is on disk
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request, tmp_path):
+    server = (RedisBroker if request.param == "redis" else RabbitBroker)(tmp_path / request.param)
+    server.server.start()
     yield server
-    server.stop()
+    server.server.stop()
 
 
 @pytest.fixture
@@ -56,13 +89,17 @@ def test_workers_with_separate_data_folders_send_one_id_and_it_survives_a_broker
     assert len(ids) == 1
     (deployment,) = ids
     assert str(uuid.UUID(deployment)) == deployment
-    assert broker.client().get(REDIS_KEY).decode() == deployment
+    assert broker.stored_id() == deployment
     # Each worker also kept an id of its own folder; only the first one offered became the deployment's.
     local_ids = {(folder / FILE_NAME).read_text().strip() for folder in folders}
     assert deployment in local_ids
 
-    broker.restart()  # append-only: the id is on disk
-    assert broker.client().get(REDIS_KEY).decode() == deployment
+    broker.restart()
+    assert broker.stored_id() == deployment
+    # A worker started after the restart, on a third host, joins the deployment.
+    collector.requests.clear()
+    assert deliver(children, collector, broker, "deployment-after-restart", [tmp_path / "host-c"], count=20) == {
+        deployment}
 
 
 def test_an_existing_installation_keeps_its_id(children, collector, broker, tmp_path):
