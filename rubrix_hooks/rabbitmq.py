@@ -24,6 +24,8 @@ DEPLOYMENT_ID_STREAM = "rubrix-telemetry.deployment-id"
 # empty. Only the first workers of a new deployment wait it out; a wrong "empty" costs one
 # more message in the stream, never a second id.
 EMPTY_STREAM_WAIT = 0.5
+# How long to keep trying while the stream starts (just created, or after a broker restart).
+STREAM_START_WAIT = 10.0
 
 _CURRENT_TYPE = re.compile(r"current is (?:the value '(?P<type>\w+)'|none)")
 
@@ -117,16 +119,18 @@ def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> st
     the durable stream DEPLOYMENT_ID_STREAM of the vhost. Every worker reads the stream from
     its start, so all agree; a worker that finds it empty appends `offered` (confirmed by the
     broker) and reads again: several doing so at once all read the same first message.
-    Streams need RabbitMQ 3.9 or later; an older one raises, as an unreachable one does."""
+    `timeout` bounds each connection and read. Streams need RabbitMQ 3.9 or later; an older
+    one raises, as an unreachable one does."""
     from amqp.exceptions import InternalError, NotFound
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + STREAM_START_WAIT
     while True:
         try:
-            return _read_or_offer_id(settings, offered, max(deadline - time.monotonic(), 0.5))
+            return _read_or_offer_id(settings, offered, timeout)
         except (InternalError, NotFound):
             # Measured on RabbitMQ 3.10: while a stream starts (just created: 541
             # INTERNAL_ERROR; after a restart: 404 "home node ... is down"), a consume fails.
+            # Any other error (no connection, no streams before 3.9) is the caller's at once.
             if time.monotonic() + 0.2 >= deadline:
                 raise
             time.sleep(0.2)
