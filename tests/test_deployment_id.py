@@ -111,3 +111,21 @@ def test_an_existing_installation_keeps_its_id(children, collector, broker, tmp_
     # A worker added later, with a fresh data folder, joins the same deployment.
     collector.requests.clear()
     assert deliver(children, collector, broker, "deployment-upgrade-2", [tmp_path / "new-host"], count=20) == {existing}
+
+
+def test_a_broker_that_cannot_keep_the_id_leaves_each_worker_on_its_own_with_one_warning(
+        children, collector, rabbitmq_vhost, tmp_path):
+    # A classic queue already holds the stream's name (as good as a RabbitMQ without streams:
+    # the declare is refused). Delivery goes on, under the data folder's id.
+    from kombu import Connection
+
+    from rubrix_hooks.rabbitmq import DEPLOYMENT_ID_STREAM
+
+    with Connection(rabbitmq_vhost.url) as connection:
+        connection.channel().queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False)
+    host = tmp_path / "host-a"
+    ids = deliver(children, collector, rabbitmq_vhost, "deployment-no-stream", [host], count=60)
+    assert ids == {(host / FILE_NAME).read_text().strip()}
+    worker_log = children.started[0].log()
+    assert worker_log.count("cannot read the deployment id from the broker (PreconditionFailed)") == 1, worker_log
+    assert "Traceback" not in worker_log
