@@ -136,6 +136,18 @@ def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> st
             time.sleep(0.2)
 
 
+def stored_deployment_id(settings: Settings, timeout: float) -> str | None:
+    """The stream's id, if it has one; only reads (a passive declare: no stream is created)."""
+    from amqp.exceptions import NotFound
+
+    with _connection(settings, timeout) as connection:
+        try:
+            connection.channel().queue_declare(DEPLOYMENT_ID_STREAM, passive=True)
+        except NotFound:
+            return None
+        return _first_id(connection, EMPTY_STREAM_WAIT)
+
+
 def _read_or_offer_id(settings: Settings, offered: str, timeout: float) -> str:
     from amqp import Message
 

@@ -107,6 +107,25 @@ def deployment_id(settings: Settings) -> str:
     return shared
 
 
+def stored_deployment_id(settings: Settings) -> tuple[str | None, str]:
+    """The id the workers would send, and where it was read; never creates one (for
+    `rubrix-telemetry preview`). With telemetry off, the broker is not asked."""
+    local = stored_installation_id(settings.data_dir)
+    if not settings.enabled or not (uses_redis(settings) or settings.uses_amqp_broker):
+        return local, "this data folder"
+    try:
+        if uses_redis(settings):
+            stored = counters.broker_client(settings).get(REDIS_KEY)
+            shared = str(uuid.UUID(stored.decode())) if stored else None
+        else:
+            shared = rabbitmq.stored_deployment_id(settings, timeout=max(settings.publish_timeout, 2.0))
+    except Exception as error:  # noqa: BLE001 (a preview says what it could not read, it does not fail)
+        return local, f"this data folder: the broker could not be read ({type(error).__name__})"
+    if shared is None:
+        return local, "this data folder: the broker has none yet, the first delivery offers this one"
+    return shared, "the broker"
+
+
 def _ask_redis(settings: Settings, offered: str) -> str:
     client = counters.broker_client(settings)
     client.set(REDIS_KEY, offered, nx=True)  # atomic: exactly one first value wins

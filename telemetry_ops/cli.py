@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview = command(
         "preview", help="print the platform data and one example of each event, exactly as sent",
         description="Prints whether telemetry is on and which variable decided, the platform data this "
-                    "machine would attach, and one example of each event exactly as it would be sent. "
+                    "machine would attach, the deployment id the workers send (on Redis and RabbitMQ read "
+                    "from the broker), and one example of each event exactly as it would be sent. "
                     "Only reads: creates neither the installation id nor the queue.")
     preview.set_defaults(run=cmd_preview)
 

@@ -1,7 +1,8 @@
 """What this machine would send as a server: the switch, its platform data, one example of each event.
 
 Preview only reads: it creates neither the installation id nor the embedded queue's
-folders (a worker does, when it delivers), so it does not import the worker's app.
+folders (a worker does, when it delivers), so it does not import the worker's app. On Redis
+and RabbitMQ it reads the deployment id the workers send from the broker.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rubrix_hooks.contract import (
 )
 from rubrix_hooks.platform_info import platform_info
 from rubrix_hooks.settings import Settings
-from tasks.installation_id import stored_installation_id
+from tasks.installation_id import stored_deployment_id, stored_installation_id
 from tasks.segment import segment_message
 
 EXAMPLE_HEADERS = {"user-agent": "python-requests/2.31.0", "accept-language": "en-US,en;q=0.9"}
@@ -44,13 +45,16 @@ def example_messages(anonymous_id: str) -> list[dict[str, Any]]:
 
 
 def preview(settings: Settings) -> dict[str, Any]:
-    stored_id = stored_installation_id(settings.data_dir)
+    deployment_id, read_from = stored_deployment_id(settings)
     return {
         "telemetry": "on" if settings.enabled else "off",
         "decided_by": settings.decided_by,
         "endpoint": settings.endpoint,
-        "installation_id": stored_id,
+        # This data folder's; the deployment's (the anonymousId sent) is the broker's on Redis and RabbitMQ.
+        "installation_id": stored_installation_id(settings.data_dir),
+        "deployment_id": deployment_id,
+        "deployment_id_from": read_from,
         # This machine's, as its server sends them with every task message.
         "platform": platform_info(),
-        "examples": example_messages(stored_id or ID_NOT_CREATED_YET),
+        "examples": example_messages(deployment_id or ID_NOT_CREATED_YET),
     }

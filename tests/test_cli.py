@@ -150,10 +150,59 @@ def test_preview_only_reads(tmp_path):
 
     data_dir.mkdir()
     (data_dir / "installation-id").write_text("0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10\n")
-    shown = json.loads(run("preview", RUBRIX_TELEMETRY_DATA_DIR=str(data_dir)).stdout)
-    assert shown["installation_id"] == "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
+    shown = json.loads(run("preview", RUBRIX_TELEMETRY_BROKER_URL=None,
+                           RUBRIX_TELEMETRY_DATA_DIR=str(data_dir)).stdout)
+    assert shown["installation_id"] == shown["deployment_id"] == "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
     assert {example["anonymousId"] for example in shown["examples"]} == {shown["installation_id"]}
     assert sorted(path.name for path in data_dir.iterdir()) == ["installation-id"]
+
+
+LOCAL_ID = "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
+SHARED_ID = "6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"
+
+
+def preview_with_a_local_id(tmp_path, **env: str | None) -> dict:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(exist_ok=True)
+    (data_dir / "installation-id").write_text(LOCAL_ID + "\n")
+    done = run("preview", RUBRIX_TELEMETRY_DATA_DIR=str(data_dir), **env)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["installation_id"] == LOCAL_ID
+    assert {example["anonymousId"] for example in shown["examples"]} == {shown["deployment_id"]}
+    return shown
+
+
+def test_preview_on_redis_shows_the_deployment_id_the_workers_send(tmp_path):
+    from tasks.installation_id import REDIS_KEY
+    from tests.support import RedisServer
+
+    redis = RedisServer(port=free_port(), folder=tmp_path / "redis")
+    redis.start()
+    try:
+        shown = preview_with_a_local_id(tmp_path, RUBRIX_TELEMETRY_BROKER_URL=redis.url)
+        assert shown["deployment_id"] == LOCAL_ID and "first delivery offers this one" in shown["deployment_id_from"]
+        assert redis.client().get(REDIS_KEY) is None  # only read
+        redis.client().set(REDIS_KEY, SHARED_ID)
+        shown = preview_with_a_local_id(tmp_path, RUBRIX_TELEMETRY_BROKER_URL=redis.url)
+        assert (shown["deployment_id"], shown["deployment_id_from"]) == (SHARED_ID, "the broker")
+    finally:
+        redis.stop()
+    shown = preview_with_a_local_id(tmp_path, RUBRIX_TELEMETRY_BROKER_URL=redis.url)  # nothing listens now
+    assert shown["deployment_id"] == LOCAL_ID and "could not be read (" in shown["deployment_id_from"], shown
+
+
+def test_preview_on_rabbitmq_reads_the_stream_without_creating_it(tmp_path, rabbitmq_vhost):
+    from rubrix_hooks.rabbitmq import DEPLOYMENT_ID_STREAM, shared_deployment_id
+    from rubrix_hooks.settings import load_settings
+
+    shown = preview_with_a_local_id(tmp_path, RUBRIX_TELEMETRY_BROKER_URL=rabbitmq_vhost.url)
+    assert shown["deployment_id"] == LOCAL_ID and "first delivery offers this one" in shown["deployment_id_from"]
+    assert DEPLOYMENT_ID_STREAM not in rabbitmq_vhost._ctl("list_queues", "-p", rabbitmq_vhost.name, "name")
+    settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": rabbitmq_vhost.url})
+    assert shared_deployment_id(settings, SHARED_ID, timeout=5) == SHARED_ID  # as the first worker would
+    shown = preview_with_a_local_id(tmp_path, RUBRIX_TELEMETRY_BROKER_URL=rabbitmq_vhost.url)
+    assert (shown["deployment_id"], shown["deployment_id_from"]) == (SHARED_ID, "the broker")
 
 
 def test_preview_shows_the_switch_platform_and_valid_examples():
