@@ -8,6 +8,7 @@ import itertools
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,8 @@ import requests
 
 from rubrix_hooks import flush, track_bulk
 from rubrix_hooks.contract import DELIVER_TASK_NAME
-from tests.support import REPO_ROOT, child_environment, free_port, scripted, wait_until
+from tests.support import (REPO_ROOT, WorkerProcess, child_environment, free_port, publish_events, scripted,
+                           wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +31,14 @@ _markers = itertools.count(910_001)
 class FlowerProcess:
     """`celery -A tasks flower` as an operator runs it, with basic auth, on a loopback port."""
 
-    def __init__(self, log_file: Path) -> None:
+    def __init__(self, log_file: Path, **env: str | None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log_file.open("wb")
         self.log_file = log_file
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={self.port}", "--address=127.0.0.1"],
-            cwd=REPO_ROOT, env=child_environment(FLOWER_BASIC_AUTH=":".join(AUTH)),
+            cwd=REPO_ROOT, env=child_environment(FLOWER_BASIC_AUTH=":".join(AUTH), **env),
             stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -154,3 +156,28 @@ def test_prometheus_endpoint_counts_deliveries_and_retries(pipeline, flower):
 
     assert wait_until(lambda: flower.metric("task-succeeded") >= succeeded + 1, timeout=10), flower.get("/metrics").text
     assert flower.metric("task-retried") >= retried + 1
+
+
+def test_flower_on_the_embedded_queue_sees_every_delivery_across_its_sweeps(collectors, tmp_path):
+    # The default broker: Flower reads task events from a queue in the data folder, whose
+    # messages expire after 5 s when nobody takes them (rubrix_hooks/embedded_queue.py). A
+    # live Flower keeps taking them, across several of the queue's 5 s sweeps.
+    data = tmp_path / "data"
+    env = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(data)}
+    backend = collectors()
+    worker = WorkerProcess(child_environment(RUBRIX_TELEMETRY_ENDPOINT=backend.url, **env), tmp_path / "worker.log",
+                           extra_args=["-E", "-n", "embedded-flower@%h"])
+    flower = FlowerProcess(tmp_path / "flower.log", **env)
+    try:
+        worker.wait_ready()
+        assert wait_until(lambda: flower.answers() and 'worker="embedded-flower@' in flower.get("/metrics").text,
+                          timeout=30, interval=0.5), flower.log_file.read_text()
+        for _ in range(3):  # three task messages, 6 s apart
+            publish_events(5, "telemetry", embedded_data_dir=data)
+            time.sleep(6)
+        assert wait_until(lambda: flower.metric("task-succeeded") == 3, timeout=20, interval=0.5), (
+            flower.get("/metrics").text[-2000:])
+        assert len(backend.accepted_messages()) == 15
+    finally:
+        flower.stop()
+        worker.stop()
