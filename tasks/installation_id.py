@@ -24,6 +24,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from rubrix_hooks import rabbitmq
 from rubrix_hooks.settings import Settings
@@ -115,10 +116,9 @@ def stored_deployment_id(settings: Settings) -> tuple[str | None, str]:
         return local, "this data folder"
     try:
         if uses_redis(settings):
-            stored = counters.broker_client(settings).get(REDIS_KEY)
-            shared = str(uuid.UUID(stored.decode())) if stored else None
+            shared = _stored_redis_id(counters.broker_client(settings))
         else:
-            shared = rabbitmq.stored_deployment_id(settings, timeout=max(settings.publish_timeout, 2.0))
+            shared = rabbitmq.stored_deployment_id(settings, timeout=_broker_timeout(settings))
     except Exception as error:  # noqa: BLE001 (a preview says what it could not read, it does not fail)
         return local, f"this data folder: the broker could not be read ({type(error).__name__})"
     if shared is None:
@@ -126,12 +126,23 @@ def stored_deployment_id(settings: Settings) -> tuple[str | None, str]:
     return shared, "the broker"
 
 
+def _broker_timeout(settings: Settings) -> float:
+    return max(settings.publish_timeout, 2.0)
+
+
+def _stored_redis_id(client: Any) -> str | None:
+    stored = client.get(REDIS_KEY)
+    return None if stored is None else str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
+
+
 def _ask_redis(settings: Settings, offered: str) -> str:
     client = counters.broker_client(settings)
     client.set(REDIS_KEY, offered, nx=True)  # atomic: exactly one first value wins
-    stored = client.get(REDIS_KEY)
-    return str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
+    shared = _stored_redis_id(client)
+    if shared is None:
+        raise LookupError(f"{REDIS_KEY} was deleted as it was set")
+    return shared
 
 
 def _ask_rabbitmq(settings: Settings, offered: str) -> str:
-    return rabbitmq.shared_deployment_id(settings, offered, timeout=max(settings.publish_timeout, 2.0))
+    return rabbitmq.shared_deployment_id(settings, offered, timeout=_broker_timeout(settings))

@@ -139,6 +139,10 @@ def test_collector_out_is_created_at_start(tmp_path):
         process.wait(timeout=10)
 
 
+LOCAL_ID = "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
+SHARED_ID = "6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"
+
+
 def test_preview_only_reads(tmp_path):
     data_dir = tmp_path / "data"
     done = run("preview", RUBRIX_TELEMETRY_BROKER_URL=None, RUBRIX_TELEMETRY_DATA_DIR=str(data_dir))
@@ -149,16 +153,12 @@ def test_preview_only_reads(tmp_path):
     assert {example["anonymousId"] for example in shown["examples"]} == {ID_NOT_CREATED_YET}
 
     data_dir.mkdir()
-    (data_dir / "installation-id").write_text("0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10\n")
+    (data_dir / "installation-id").write_text(LOCAL_ID + "\n")
     shown = json.loads(run("preview", RUBRIX_TELEMETRY_BROKER_URL=None,
                            RUBRIX_TELEMETRY_DATA_DIR=str(data_dir)).stdout)
-    assert shown["installation_id"] == shown["deployment_id"] == "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
+    assert shown["installation_id"] == shown["deployment_id"] == LOCAL_ID
     assert {example["anonymousId"] for example in shown["examples"]} == {shown["installation_id"]}
     assert sorted(path.name for path in data_dir.iterdir()) == ["installation-id"]
-
-
-LOCAL_ID = "0b7a5c1e-2b6c-4f59-9d5b-6c1f1d7c3a10"
-SHARED_ID = "6f1c2d3e-4b5a-4c6d-8e7f-901a2b3c4d5e"
 
 
 def preview_with_a_local_id(tmp_path, **env: str | None) -> dict:

@@ -145,7 +145,6 @@ def test_redis_restarted_with_events_queued_delivers_them_afterwards(children, c
         redis.stop()
 
 
-
 @pytest.fixture
 def delivery_ended_with_redis_down(children, collectors, tmp_path):
     """A worker on a Redis of the test's own delivers 20 events; the backend answers only
