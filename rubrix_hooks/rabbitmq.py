@@ -121,19 +121,18 @@ def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> st
     broker) and reads again: several doing so at once all read the same first message.
     `timeout` bounds each connection and read. Streams need RabbitMQ 3.9 or later; an older
     one raises, as an unreachable one does."""
-    from amqp.exceptions import InternalError, NotFound
-
     deadline = time.monotonic() + STREAM_START_WAIT
     while True:
         try:
             return _read_or_offer_id(settings, offered, timeout)
-        except (InternalError, NotFound):
-            # Measured on RabbitMQ 3.10: while a stream starts (just created: 541
-            # INTERNAL_ERROR; after a restart: 404 "home node ... is down"), a consume fails.
-            # Any other error (no connection, no streams before 3.9) is the caller's at once.
+        except _StreamStarting as starting:
             if time.monotonic() + 0.2 >= deadline:
-                raise
+                raise starting.__cause__ from None
             time.sleep(0.2)
+
+
+class _StreamStarting(Exception):
+    """The stream was declared, but reading it failed: it is still starting."""
 
 
 def stored_deployment_id(settings: Settings, timeout: float) -> str | None:
@@ -150,17 +149,30 @@ def stored_deployment_id(settings: Settings, timeout: float) -> str | None:
 
 def _read_or_offer_id(settings: Settings, offered: str, timeout: float) -> str:
     from amqp import Message
+    from amqp.exceptions import ChannelError, InternalError, NotFound
 
     with _connection(settings, timeout) as connection:
         channel = connection.channel()
-        channel.queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False,
-                              arguments={"x-queue-type": "stream"})
-        found = _first_id(connection, EMPTY_STREAM_WAIT)
-        if found is None:
-            channel.basic_publish_confirm(Message(offered, delivery_mode=2, content_type="text/plain"),
-                                          exchange="", routing_key=DEPLOYMENT_ID_STREAM, timeout=timeout,
-                                          confirm_timeout=timeout)
-            found = _first_id(connection, timeout)
+        try:
+            channel.queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False,
+                                  arguments={"x-queue-type": "stream"})
+        except NotFound as error:
+            # 404 "home node ... is down or inaccessible": the stream is starting after a
+            # broker restart. Any other refusal is final: a queue of another type holds the
+            # name, a RabbitMQ before 3.9 has no streams, the user may not declare it.
+            raise _StreamStarting() from error
+        try:
+            found = _first_id(connection, EMPTY_STREAM_WAIT)
+            if found is None:
+                channel.basic_publish_confirm(Message(offered, delivery_mode=2, content_type="text/plain"),
+                                              exchange="", routing_key=DEPLOYMENT_ID_STREAM, timeout=timeout,
+                                              confirm_timeout=timeout)
+                found = _first_id(connection, timeout)
+        except (ChannelError, InternalError) as error:
+            # Measured on RabbitMQ 3.10 from basic.consume while the declared stream starts:
+            # 541 INTERNAL_ERROR and 406 "does not have a replica on the local node" just after
+            # it is created, 404 "home node ... is down" after a broker restart.
+            raise _StreamStarting() from error
         if found is None:
             raise TimeoutError(f"no id read from the stream {DEPLOYMENT_ID_STREAM!r} within {timeout:g}s")
         return found
