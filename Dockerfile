@@ -16,6 +16,7 @@ ENV PYTHONUNBUFFERED=1 \
     RUBRIX_TELEMETRY_DATA_DIR=/data
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY telemetry_core ./telemetry_core
 COPY rubrix_hooks ./rubrix_hooks
 COPY tasks ./tasks
 COPY telemetry_ops ./telemetry_ops

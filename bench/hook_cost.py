@@ -34,10 +34,10 @@ Call = Callable[[], Awaitable[Any]]
 def clients(sink_url: str, broker_url: str, queue: str) -> dict[str, Call]:
     from celery import Celery
 
-    from rubrix_hooks import message
-    from rubrix_hooks.contract import (DELIVER_TASK_NAME, LOG_RECORDS_REQUESTED, checked_wire_event,
+    from telemetry_core import message
+    from telemetry_core.contract import (DELIVER_TASK_NAME, LOG_RECORDS_REQUESTED, checked_wire_event,
                                        new_message_id_prefix, timestamp_us)
-    from rubrix_hooks.platform_info import platform_info
+    from telemetry_core.platform_info import platform_info
     from rubrix_hooks.telemetry import track_bulk
 
     segment = segment_client(sink_url)

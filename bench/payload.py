@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rubrix_hooks.contract import LOG_RECORDS_REQUESTED
+from telemetry_core.contract import LOG_RECORDS_REQUESTED
 
 TASK = "TextClassification"
 RECORDS = 100

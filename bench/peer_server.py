@@ -21,7 +21,7 @@ import uvicorn
 
 from bench.payload import ANONYMOUS_ID, segment_client
 from rubrix_hooks import example_app
-from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED
+from telemetry_core.contract import LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED
 
 FLOOR_QUEUE = "bench-floor-server"
 

@@ -62,7 +62,7 @@ def make_variant(variant: str, sink_url: str, redis_url: str, queue: str) -> tup
         return segment, client.flush
     if variant == "floor":
         from bench.floor import FloorPublisher
-        from rubrix_hooks.contract import LOG_RECORDS_REQUESTED
+        from telemetry_core.contract import LOG_RECORDS_REQUESTED
 
         floor = FloorPublisher(redis_url, queue)
 

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from rubrix_hooks import message
-from rubrix_hooks.contract import (LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED,
+from telemetry_core import message
+from telemetry_core.contract import (LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED,
                                    checked_wire_event, new_message_id_prefix, timestamp_us)
-from rubrix_hooks.platform_info import platform_info
+from telemetry_core.platform_info import platform_info
 from tasks.segment import GZIP_LEVEL, _batch_body, pack_batches, segment_message
 
 USER_AGENTS = [

@@ -21,7 +21,7 @@ _EXPORTS = {
     "shutdown_async": "rubrix_hooks.telemetry",
     "patch_rubrix": "rubrix_hooks.rubrix_patch",
     "TelemetryMiddleware": "rubrix_hooks.middleware",
-    "ConfigurationError": "rubrix_hooks.settings",
+    "ConfigurationError": "telemetry_core.settings",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,7 +17,7 @@ import re
 import zlib
 from typing import Any, Awaitable, Callable, MutableMapping
 
-from rubrix_hooks.contract import (DEFAULT_USERNAME, LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED,
+from telemetry_core.contract import (DEFAULT_USERNAME, LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED,
                                    raw_text)
 from rubrix_hooks.telemetry import record, settings, shutdown_async
 

@@ -4,7 +4,7 @@ The request path only appends a tuple of raw values to a deque (well under a mic
 A daemon thread wakes every flush interval, checks each event against the contract (what
 fails is dropped and counted: nothing outside the allowlist leaves the process), gives it
 its messageId and publishes up to `events_per_task` events as one Celery task message in
-format 2 (`rubrix_hooks.message`). The broker is touched only from that thread, with
+format 2 (`telemetry_core.message`). The broker is touched only from that thread, with
 publish retries off and short socket timeouts, because `apply_async` can block for a long
 time when the broker is down (celery/celery#4296, #4556, #6911).
 
@@ -21,22 +21,25 @@ import collections
 import concurrent.futures.thread  # noqa: F401 (see the note at _flush_at_exit)
 import logging
 import os
-import socket
 import threading
 import time
 import weakref
 from typing import Any, Callable
 
-from rubrix_hooks import message
-from rubrix_hooks.contract import (
+from telemetry_core import message
+from telemetry_core.contract import (
     DELIVER_TASK_NAME,
     MAX_SEQUENCE,
     InvalidEvent,
     checked_wire_event,
     new_message_id_prefix,
 )
-from rubrix_hooks.platform_info import platform_info
-from rubrix_hooks.settings import Settings, broker_transport_options
+from telemetry_core.platform_info import platform_info
+from telemetry_core.brokers import broker_for
+from telemetry_core.brokers.base import PublishUnconfirmed, QueueMisconfigured
+from telemetry_core.settings import Settings, broker_transport_options
+
+__all__ = ["CeleryBatchSender", "Publisher", "PublishUnconfirmed"]
 
 log = logging.getLogger("rubrix_hooks.publisher")
 
@@ -53,11 +56,6 @@ MAX_PUBLISH_PAUSE = 30.0
 DROP_WARNING_INTERVAL = 60.0
 
 
-class PublishUnconfirmed(Exception):
-    """RabbitMQ did not confirm a publish within the publish timeout: it blocks publishers
-    during a memory or disk alarm. The batch is held and published again."""
-
-
 class CeleryBatchSender:
     """Publishes one batch of events as one Celery task message, or raises."""
 
@@ -66,14 +64,11 @@ class CeleryBatchSender:
 
         self._queue = settings.queue
         self._app = Celery("rubrix_hooks", set_as_current=False)
-        from rubrix_hooks import rabbitmq
-
-        # RabbitMQ: publisher confirms. A publish returns only once the broker has the
-        # message; unconfirmed, a blocked or failing broker can lose it without a word.
-        confirms = {"confirm_publish": True} if settings.uses_amqp_broker else {}
+        self._broker = broker = broker_for(settings)
         self._app.conf.update(
             broker_url=settings.broker_url_or_default,
-            broker_transport_options={**broker_transport_options(settings), **confirms},
+            # RabbitMQ adds publisher confirms: a publish returns only once the broker has it.
+            broker_transport_options={**broker_transport_options(settings), **broker.publisher_transport_options()},
             broker_connection_timeout=settings.publish_timeout,
             broker_connection_retry=False,
             broker_connection_max_retries=0,
@@ -84,24 +79,23 @@ class CeleryBatchSender:
             task_serializer="json",
             accept_content=["json"],
             task_ignore_result=True,
-            task_queues=rabbitmq.task_queues(settings),
+            task_queues=broker.task_queues(),
         )
         # Import the broker's transport now, not at the first publish (no network I/O).
         self._app.connection_for_write().release()
-        # RabbitMQ: every wait of a publish is bounded: a broker that blocks publishers (memory or disk alarm) stops reading,
-        # so the write and the wait for the confirm each give up after the publish timeout.
-        self._amqp = settings.uses_amqp_broker
-        self._bounds = {"timeout": settings.publish_timeout, "confirm_timeout": settings.publish_timeout} \
-            if self._amqp else {}
+        # Every wait of a publish is bounded where the broker can block (RabbitMQ's alarms).
+        self._bounds = broker.publish_bounds()
         self._settings = settings
         self._connection: Any = None
         self._producer: Any = None
-        self._mismatch_logged = False
+        self._refusal_logged = False
 
     def __call__(self, kwargs: dict[str, Any]) -> None:
         if self._producer is None:
+            from kombu import Producer
+
             self._connection = self._app.connection_for_write()
-            self._producer = self._app.amqp.Producer(self._connection)
+            self._producer = Producer(self._connection)  # kombu's, as Celery's own publishes use
         try:
             self._app.send_task(DELIVER_TASK_NAME, args=(), kwargs=kwargs, queue=self._queue, retry=False,
                                 producer=self._producer, argsrepr="()", kwargsrepr=message.describe(kwargs),
@@ -110,24 +104,14 @@ class CeleryBatchSender:
             # A fresh connection for the next attempt: this one may be blocked, half-written
             # or hold a confirm that arrives late (and would be taken for the next one's).
             self._discard_connection()
-            if self._amqp:
-                self._explain(error)
+            # The broker's refusals as what they mean to an operator.
+            clearer = self._broker.explain_publish_error(error)
+            if isinstance(clearer, QueueMisconfigured) and not self._refusal_logged:
+                log.error("telemetry: events held, not published: %s", clearer)
+                self._refusal_logged = True
+            if clearer is not None:
+                raise clearer from None
             raise
-
-    def _explain(self, error: Exception) -> None:
-        """Raises RabbitMQ's refusals as what they mean to an operator."""
-        from rubrix_hooks import rabbitmq
-
-        # py-amqp: socket.timeout waiting for the confirm, "basic_publish: timed out" writing.
-        if any(isinstance(e, (socket.timeout, TimeoutError)) or "timed out" in str(e)
-               for e in (error, error.__cause__) if e is not None):
-            raise PublishUnconfirmed(f"not confirmed within {self._settings.publish_timeout:g}s") from None
-        mismatch = rabbitmq.mismatch_message(error, self._settings)
-        if mismatch is not None:
-            if not self._mismatch_logged:
-                log.error("telemetry: events held, not published: %s", mismatch)
-                self._mismatch_logged = True
-            raise rabbitmq.QueueTypeMismatch(mismatch) from None
 
     def _discard_connection(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None

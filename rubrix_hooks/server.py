@@ -7,7 +7,7 @@ import os
 import socket
 
 from rubrix_hooks.rubrix_patch import RUBRIX_APP_MODULE
-from rubrix_hooks.settings import Settings
+from telemetry_core.settings import Settings
 
 EXAMPLE_APP = "rubrix_hooks.example_app:app"
 RUBRIX_APP = f"{RUBRIX_APP_MODULE}:app"

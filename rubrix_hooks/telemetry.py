@@ -13,7 +13,7 @@ import threading
 from time import time_ns
 from typing import Any, Callable, Protocol
 
-from rubrix_hooks.contract import (
+from telemetry_core.contract import (
     DEFAULT_USERNAME,
     LOG_RECORDS_REQUESTED,
     SERVER_ERROR_FOUND,
@@ -22,7 +22,7 @@ from rubrix_hooks.contract import (
     timestamp_us,
 )
 from rubrix_hooks.publisher import Publisher
-from rubrix_hooks.settings import Settings, load_settings, report_switch_error
+from telemetry_core.settings import Settings, load_settings, report_switch_error
 
 log = logging.getLogger("rubrix_hooks.telemetry")
 

@@ -12,9 +12,10 @@ from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import (task_rejected, task_unknown, worker_init, worker_process_shutdown, worker_ready,
                             worker_shutdown)
 
-from rubrix_hooks import rabbitmq
-from rubrix_hooks.contract import DELIVER_TASK_NAME
-from rubrix_hooks.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
+from telemetry_core.brokers import broker_for
+from telemetry_core.brokers.base import WorkerCannotStart
+from telemetry_core.contract import DELIVER_TASK_NAME
+from telemetry_core.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
                                    masked_url, report_switch_error)
 from tasks import counters
 from tasks.remote_status import delivery_problem  # also registers the command `status` sends
@@ -40,6 +41,7 @@ def _load_settings() -> Settings:
 
 # Read at import: `celery -A tasks worker` fails at start-up on a bad value.
 settings = _load_settings()
+broker = broker_for(settings)
 
 app = Celery("tasks", include=["tasks.deliver"])
 app.conf.update(
@@ -54,7 +56,7 @@ app.conf.update(
     # The message leaves the broker only once the backend has the events (or they were
     # dropped for good). A worker that dies mid-delivery hands its message to another one:
     # Redis after the visibility timeout; the embedded queue at the next worker's start or
-    # within seconds (rubrix_hooks/embedded_queue.py: kombu's own filesystem transport
+    # within seconds (telemetry_core/brokers/embedded.py: kombu's own filesystem transport
     # deletes a message as it is taken, and acks_late alone does not bring it back).
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -66,8 +68,8 @@ app.conf.update(
     # choice in ten lines at every connection loss; the one line it logs besides says enough.
     worker_cancel_long_running_tasks_on_connection_loss=False,
     task_default_queue=settings.queue,
-    # On RabbitMQ, the queue is declared with RUBRIX_TELEMETRY_QUEUE_TYPE (`x-queue-type`).
-    task_queues=rabbitmq.task_queues(settings),
+    # As the broker declares it (on RabbitMQ, with RUBRIX_TELEMETRY_QUEUE_TYPE: `x-queue-type`).
+    task_queues=broker.task_queues(),
     task_routes={DELIVER_TASK_NAME: {"queue": settings.queue}},
     task_ignore_result=True,
     # Task events on, so that Flower sees every delivery, retry and failure.
@@ -78,18 +80,14 @@ app.conf.update(
 
 
 @worker_init.connect
-def _check_queue_type(**_: object) -> None:
-    """Stops the start with one line when the queue exists with another type: Celery would
-    stop with a traceback at its first declare, and a supervisor restart it for ever."""
-    if not settings.uses_amqp_broker:
-        return
+def _prepare_the_broker(**_: object) -> None:
+    """Stops the start with one line for what the broker refuses (on RabbitMQ, a queue of
+    another type): Celery would stop with a traceback, and a supervisor restart it for ever."""
     try:
-        rabbitmq.ensure_queue(settings, timeout=max(settings.publish_timeout, 5.0))
-    except rabbitmq.QueueTypeMismatch as error:
+        broker.prepare_worker(timeout=max(settings.publish_timeout, 5.0))
+    except WorkerCannotStart as error:
         print(f"rubrix-telemetry: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
-        log.debug("telemetry: could not check the queue before start: %r", error)
 
 
 @worker_ready.connect

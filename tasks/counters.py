@@ -1,12 +1,13 @@
-"""Delivery counts kept in the broker, so that every worker and `rubrix-telemetry status`
-see the same numbers.
+"""Delivery counts kept where the broker says (`Broker.counts_store`), so that every worker
+and `rubrix-telemetry status` see the same numbers.
 
-Fields: `delivered`, `retried` (events scheduled for another attempt) and
-`dropped:<reason>`. On Redis they are one hash (HINCRBY is atomic across workers); on the
-embedded on-disk broker, a small JSON file in the data folder under an exclusive `flock`.
-A broker that stores no values (RabbitMQ) gets the same file in each worker's data folder,
-and each worker reports its own in its answer to `rubrix-telemetry status`, which adds them
-up (`tasks/remote_status.py`). Counting is bookkeeping: it never makes a task fail.
+Fields (`telemetry_core.counts`): `delivered`, `retried` (events scheduled for another
+attempt) and `dropped:<reason>`. A broker that keeps them (Redis: one hash, atomic across
+workers; the embedded queue: a JSON file in the shared data folder) has them for the whole
+deployment. A broker that stores no values (RabbitMQ) gets the same file in each worker's
+data folder, and each worker reports its own in its answer to `rubrix-telemetry status`,
+which adds them up (`tasks/remote_status.py`). Counting is bookkeeping: it never makes a
+task fail.
 
 A count the broker cannot take (it is down, or failing over to a Sentinel replica) is kept
 in the process and added with the next one, or by a timer within seconds of the broker
@@ -15,31 +16,23 @@ answering again; a worker stopping tries once more and logs what it could not wr
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import threading
 from collections import Counter
-from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
-from rubrix_hooks.settings import Settings
-from tasks.broker_redis import BrokerRedis, uses_redis
+from telemetry_core.brokers import broker_for
+from telemetry_core.brokers.base import CountsStore
+from telemetry_core.counts import CountsUnavailable, FileCounts, as_counts, increments
+from telemetry_core.settings import Settings
+
+__all__ = ["CountsUnavailable", "keeps_counts", "read_counts", "record", "worker_own_counts", "write_unwritten"]
 
 log = logging.getLogger("tasks.counters")
 
-REDIS_KEY = "rubrix-telemetry:counts"
-FILE_NAME = "counts.json"
-DELIVERED = "delivered"
-RETRIED = "retried"
-DROPPED_PREFIX = "dropped:"
-
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
-
-_clients: dict[tuple[int, str], BrokerRedis] = {}
 
 # Increments this process has not written yet. The lock also keeps one writer at a time (a
 # task and the retry timer), so that no increment is written twice or lost between them.
@@ -60,63 +53,31 @@ def _forget_parent_increments() -> None:
 os.register_at_fork(after_in_child=_forget_parent_increments)
 
 
-class CountsUnavailable(Exception):
-    """The counts cannot be read (broker down, or a broker that keeps none)."""
+def _store_timeout(settings: Settings) -> float:
+    return max(settings.publish_timeout, 2.0)
 
 
-def _worker_client(settings: Settings) -> Any:
-    # One client (and connection pool) per process: never shared across a fork. It
-    # reconnects by itself (on Sentinel, to whichever node is the master now).
-    key = (os.getpid(), settings.broker_url_or_default)
-    if key not in _clients:
-        _clients[key] = BrokerRedis(settings, max(settings.publish_timeout, 2.0))
-    return _clients[key].client
-
-
-def counts_file(settings: Settings) -> Path:
-    return settings.data_dir / FILE_NAME
-
-
-def broker_client(settings: Settings) -> Any:
-    """This process's Redis client of the broker (when the broker is Redis)."""
-    return _worker_client(settings)
+def _store(settings: Settings) -> CountsStore:
+    """The deployment's store, or this worker's own file where the broker keeps none."""
+    broker = broker_for(settings)
+    store = broker.counts_store(_store_timeout(settings)) if broker.keeps_counts else None
+    return store if store is not None else FileCounts(settings.data_dir)
 
 
 def keeps_counts(settings: Settings) -> bool:
-    return settings.uses_embedded_broker or uses_redis(settings)
-
-
-def _increments(delivered: int, retried: int, dropped: Mapping[str, int]) -> dict[str, int]:
-    fields = {DELIVERED: delivered, RETRIED: retried}
-    fields.update({DROPPED_PREFIX + reason: n for reason, n in dropped.items()})
-    return {name: n for name, n in fields.items() if n > 0}
-
-
-def _update_file(path: Path, increments: Mapping[str, int]) -> dict[str, int]:
-    """Adds `increments` to the counts in `path` (none: only reads) under an exclusive lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
-        text = file.read()
-        counts: dict[str, int] = json.loads(text) if text.strip() else {}
-        if increments:
-            for name, n in increments.items():
-                counts[name] = counts.get(name, 0) + n
-            file.seek(0)
-            file.truncate()
-            file.write(json.dumps(counts, sort_keys=True))
-        return counts
+    """Whether the broker keeps the deployment's counts (else each worker reports its own)."""
+    return broker_for(settings).keeps_counts
 
 
 def record(settings: Settings, delivered: int = 0, retried: int = 0,
            dropped: Mapping[str, int] | None = None) -> None:
     """Adds to the shared counts, with any this process could not write before; what the
     broker does not take now is kept and retried (see the module's docstring)."""
-    increments = _increments(delivered, retried, dropped or {})
-    if not increments:
+    added = increments(delivered, retried, dropped or {})
+    if not added:
         return
     with _unwritten_lock:
-        _unwritten.update(increments)
+        _unwritten.update(added)
         _write_unwritten(settings)
 
 
@@ -133,14 +94,7 @@ def _write_unwritten(settings: Settings) -> None:
     if not _unwritten:
         return
     try:
-        if not uses_redis(settings):
-            _update_file(counts_file(settings), _unwritten)
-        else:
-            # MULTI/EXEC: all of the increments or none, so that a retry adds nothing twice.
-            pipe = _worker_client(settings).pipeline(transaction=True)
-            for name, n in _unwritten.items():
-                pipe.hincrby(REDIS_KEY, name, n)
-            pipe.execute()
+        _store(settings).add(_unwritten)
     except Exception as error:  # noqa: BLE001 (bookkeeping must never fail a delivery)
         log.debug("telemetry: could not write the counts %s yet: %r", dict(_unwritten), error)
         _schedule_retry(settings)
@@ -161,18 +115,18 @@ def _schedule_retry(settings: Settings) -> None:
     _retry_delay = min(_retry_delay * 2, RETRY_MAX_SECONDS)
 
 
-def read_counts(settings: Settings, client: Any = None) -> dict[str, Any]:
-    """`{"delivered": n, "retried": n, "dropped": {reason: n}}`, or raises CountsUnavailable."""
-    if not keeps_counts(settings):
-        raise CountsUnavailable(f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker")
+def read_counts(settings: Settings, timeout: float | None = None) -> dict[str, Any]:
+    """`{"delivered": n, "retried": n, "dropped": {reason: n}}` of the deployment, or raises
+    CountsUnavailable (broker down, or a broker that keeps none)."""
+    broker = broker_for(settings)
+    if not broker.keeps_counts:
+        raise CountsUnavailable(broker.no_counts_reason())
     try:
-        if settings.uses_embedded_broker:
-            raw = _update_file(counts_file(settings), {})
-        else:
-            raw = (client or _worker_client(settings)).hgetall(REDIS_KEY)
+        store = broker.counts_store(_store_timeout(settings) if timeout is None else timeout)
+        assert store is not None
+        return as_counts(store.read())
     except Exception as error:  # noqa: BLE001
         raise CountsUnavailable(f"cannot read the counts: {type(error).__name__}") from None
-    return _as_counts(raw)
 
 
 def worker_own_counts(settings: Settings) -> dict[str, Any] | None:
@@ -180,26 +134,6 @@ def worker_own_counts(settings: Settings) -> dict[str, Any] | None:
     if keeps_counts(settings):
         return None
     try:
-        return _as_counts(_update_file(counts_file(settings), {}))
+        return as_counts(FileCounts(settings.data_dir).read())
     except Exception:  # noqa: BLE001
         return None
-
-
-def add_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {DELIVERED: 0, RETRIED: 0, "dropped": {}}
-    for part in parts:
-        total[DELIVERED] += int(part.get(DELIVERED, 0))
-        total[RETRIED] += int(part.get(RETRIED, 0))
-        for reason, n in part.get("dropped", {}).items():
-            total["dropped"][reason] = total["dropped"].get(reason, 0) + int(n)
-    return total
-
-
-def _as_counts(raw: Mapping[Any, Any]) -> dict[str, Any]:
-    # kombu's Redis client answers bytes.
-    raw = {(name.decode() if isinstance(name, bytes) else name): int(n) for name, n in raw.items()}
-    counts: dict[str, Any] = {DELIVERED: raw.get(DELIVERED, 0), RETRIED: raw.get(RETRIED, 0), "dropped": {}}
-    for name, n in sorted(raw.items()):
-        if name.startswith(DROPPED_PREFIX):
-            counts["dropped"][name[len(DROPPED_PREFIX):]] = n
-    return counts

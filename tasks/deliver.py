@@ -12,10 +12,10 @@ from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 
-from rubrix_hooks import message
-from rubrix_hooks.contract import DELIVER_TASK_NAME
-from rubrix_hooks.platform_info import platform_info
-from rubrix_hooks.settings import Settings
+from telemetry_core import message
+from telemetry_core.contract import DELIVER_TASK_NAME
+from telemetry_core.platform_info import platform_info
+from telemetry_core.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import deployment_id
@@ -79,7 +79,7 @@ def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any
     typing=False,  # a malformed message is counted and dropped below, not failed by Celery
 )
 def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Delivers the events of one task message (any format `rubrix_hooks.message` reads); the
+    """Delivers the events of one task message (any format `telemetry_core.message` reads); the
     return value says what was delivered and what was dropped why."""
     batch = message.read(args, kwargs)
     dropped = batch.dropped

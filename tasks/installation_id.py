@@ -3,14 +3,14 @@ all the workers of a deployment whichever host or data folder delivers.
 
 Rubrix 0.18 used `uuid.UUID(int=uuid.getnode())`, which is the MAC address in disguise.
 Ours is a random UUID: it says nothing about the machine. Where it is kept:
-- on Redis (redis://, rediss://, sentinel://), in the broker itself, under REDIS_KEY: the
+- on Redis (redis://, rediss://, sentinel://), in the broker itself (`telemetry_core.brokers.redis`): the
   first worker to deliver sets it with an atomic set-if-absent, every other worker reads
   it, and Redis's persistence keeps it across restarts. The first value offered is the id
   already in that worker's data folder, so an installation that had one keeps it;
 - on the embedded queue, in the data folder: the queue lives there too, so the server and
   its workers share it by construction;
 - on RabbitMQ, which keeps no values, as the first message of a durable stream of the vhost
-  (`rubrix_hooks.rabbitmq.shared_deployment_id`): a worker that finds the stream empty
+  (`telemetry_core.brokers.rabbitmq.shared_deployment_id`): a worker that finds the stream empty
   appends its data folder's id, and every worker reads the first one;
 - in the data folder only, when the broker cannot be asked (it does not answer, or it is a
   RabbitMQ older than 3.9, which has no streams): one warning, and the broker is asked again
@@ -24,16 +24,13 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 
-from rubrix_hooks import rabbitmq
-from rubrix_hooks.settings import Settings
-from tasks import counters
-from tasks.broker_redis import uses_redis
+
+from telemetry_core.brokers import broker_for
+from telemetry_core.settings import Settings
 
 log = logging.getLogger("tasks.installation_id")
 FILE_NAME = "installation-id"
-REDIS_KEY = "rubrix-telemetry:installation-id"
 
 
 def _read(path: Path) -> str | None:
@@ -87,17 +84,14 @@ def deployment_id(settings: Settings) -> str:
     """
     global _store_warned
     local = installation_id(settings.data_dir)
-    if uses_redis(settings):
-        ask = _ask_redis
-    elif settings.uses_amqp_broker:
-        ask = _ask_rabbitmq
-    else:
+    broker = broker_for(settings)
+    if not broker.keeps_deployment_id:
         return local
     key = (os.getpid(), settings.broker_url_or_default)
     if key in _deployment_ids:
         return _deployment_ids[key]
     try:
-        shared = ask(settings, local)
+        shared = broker.shared_deployment_id(local, timeout=_broker_timeout(settings))
     except Exception as error:  # noqa: BLE001 (the delivery must go on; the id is retried next time)
         if not _store_warned:
             _store_warned = True
@@ -112,13 +106,11 @@ def stored_deployment_id(settings: Settings) -> tuple[str | None, str]:
     """The id the workers would send, and where it was read; never creates one (for
     `rubrix-telemetry preview`). With telemetry off, the broker is not asked."""
     local = stored_installation_id(settings.data_dir)
-    if not settings.enabled or not (uses_redis(settings) or settings.uses_amqp_broker):
+    broker = broker_for(settings)
+    if not settings.enabled or not broker.keeps_deployment_id:
         return local, "this data folder"
     try:
-        if uses_redis(settings):
-            shared = _stored_redis_id(counters.broker_client(settings))
-        else:
-            shared = rabbitmq.stored_deployment_id(settings, timeout=_broker_timeout(settings))
+        shared = broker.stored_deployment_id(timeout=_broker_timeout(settings))
     except Exception as error:  # noqa: BLE001 (a preview says what it could not read, it does not fail)
         return local, f"this data folder: the broker could not be read ({type(error).__name__})"
     if shared is None:
@@ -128,21 +120,3 @@ def stored_deployment_id(settings: Settings) -> tuple[str | None, str]:
 
 def _broker_timeout(settings: Settings) -> float:
     return max(settings.publish_timeout, 2.0)
-
-
-def _stored_redis_id(client: Any) -> str | None:
-    stored = client.get(REDIS_KEY)
-    return None if stored is None else str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
-
-
-def _ask_redis(settings: Settings, offered: str) -> str:
-    client = counters.broker_client(settings)
-    client.set(REDIS_KEY, offered, nx=True)  # atomic: exactly one first value wins
-    shared = _stored_redis_id(client)
-    if shared is None:
-        raise LookupError(f"{REDIS_KEY} was deleted as it was set")
-    return shared
-
-
-def _ask_rabbitmq(settings: Settings, offered: str) -> str:
-    return rabbitmq.shared_deployment_id(settings, offered, timeout=_broker_timeout(settings))

@@ -16,7 +16,7 @@ import celery
 import kombu
 from celery.worker.control import inspect_command
 
-from rubrix_hooks.settings import Settings, masked_url
+from telemetry_core.settings import Settings, masked_url
 from tasks import counters
 
 STATUS_COMMAND = "rubrix_telemetry_status"

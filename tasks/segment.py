@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from rubrix_hooks.settings import Settings
+from telemetry_core.settings import Settings
 
 log = logging.getLogger("tasks.segment")
 

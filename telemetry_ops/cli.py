@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from rubrix_hooks.settings import ConfigurationError, Settings, load_settings
+from telemetry_core.settings import ConfigurationError, Settings, load_settings
 
 log = logging.getLogger("rubrix-telemetry")
 

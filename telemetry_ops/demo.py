@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rubrix_hooks.server import listen_problem
-from rubrix_hooks.settings import Settings
+from telemetry_core.settings import Settings
 from telemetry_ops.collector import Collector
 
 log = logging.getLogger("rubrix-telemetry.demo")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rubrix_hooks import message
-from rubrix_hooks.contract import (
+from telemetry_core import message
+from telemetry_core.contract import (
     EVENT_FIELDS,
     LOG_RECORDS_REQUESTED,
     SERVER_ERROR_FOUND,
@@ -19,8 +19,8 @@ from rubrix_hooks.contract import (
     new_message_id_prefix,
     timestamp_us,
 )
-from rubrix_hooks.platform_info import platform_info
-from rubrix_hooks.settings import Settings
+from telemetry_core.platform_info import platform_info
+from telemetry_core.settings import Settings
 from tasks.installation_id import stored_deployment_id, stored_installation_id
 from tasks.segment import segment_message
 

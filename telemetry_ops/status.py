@@ -15,19 +15,17 @@ the write key nor a broker password is ever printed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-from rubrix_hooks import rabbitmq
-from rubrix_hooks.settings import Settings, embedded_broker_folders, load_settings, masked_url
+from telemetry_core.brokers import broker_for
+from telemetry_core.counts import add_counts
+from telemetry_core.settings import Settings, load_settings, masked_url
 from tasks import counters
-from tasks.broker_redis import broker_redis, uses_redis
 
 T = TypeVar("T")
 
@@ -41,12 +39,6 @@ CHECKS_BUDGET = 4.0
 # messages once a second, so its answer comes after about one.
 WORKER_REPLY_WAIT = 1.5
 WORKERS_DEADLINE = 3.0
-# How often `status` itself looks for answers on the embedded queue (kombu's default: 1 s).
-EMBEDDED_POLLING_INTERVAL = 0.1
-# kombu's Redis transport: messages taken by a worker and not yet acknowledged (being
-# delivered, or held for a retry countdown) wait in this hash (transport option
-# `unacked_key`), not in the queue's list.
-REDIS_UNACKED_KEY = "unacked"
 
 
 def _within(timeout: float, name: str, work: Callable[[], T]) -> tuple[bool, T | None, BaseException | None]:
@@ -83,55 +75,6 @@ class BrokerReport:
     counts_error: str | None = None
 
 
-def _probe_redis(settings: Settings, report: BrokerReport) -> None:
-    with broker_redis(settings, STATUS_TIMEOUT) as client:  # connecting pings it
-        report.answers = True
-        report.queue_depth = int(client.llen(settings.queue))
-        report.unacked = int(client.hlen(settings.extra_transport_options.get("unacked_key", REDIS_UNACKED_KEY)))
-        report.counts = counters.read_counts(settings, client)
-
-
-def _probe_embedded(settings: Settings, report: BrokerReport) -> None:
-    queue_folder = embedded_broker_folders(settings)["queue"]
-    if not queue_folder.is_dir():
-        raise FileNotFoundError(f"the embedded queue {queue_folder} does not exist yet: "
-                                "no server or worker with this RUBRIX_TELEMETRY_DATA_DIR has started")
-    if not os.access(queue_folder, os.R_OK | os.W_OK):
-        raise PermissionError(f"cannot read and write {queue_folder}")
-    report.answers = True
-    # kombu's filesystem transport names each message `<time>_<id>.<queue>.msg`.
-    ours = f"{settings.queue}.msg"
-    report.queue_depth = sum(1 for name in os.listdir(queue_folder) if name.partition(".")[2] == ours)
-    # A taken message keeps its name in its worker's folder `unacked/<pid>-<random>/` until
-    # the ack deletes it (or it goes back to the queue when its worker dies).
-    unacked_root = embedded_broker_folders(settings)["unacked"]
-    held = [folder for folder in unacked_root.iterdir() if folder.is_dir()] if unacked_root.is_dir() else []
-    report.unacked = sum(1 for folder in held for name in _names_in(folder) if name.partition(".")[2] == ours)
-    report.counts = counters.read_counts(settings)
-
-
-def _names_in(folder: Path) -> list[str]:
-    """The folder's entries; none when it has just gone (its worker acked its last message)."""
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
-
-
-def _probe_other(settings: Settings, report: BrokerReport) -> None:
-    from kombu import Connection
-
-    with Connection(settings.broker_url_or_default, connect_timeout=STATUS_TIMEOUT) as connection:
-        connection.ensure_connection(max_retries=1)
-    report.answers = True
-    if settings.uses_amqp_broker:
-        try:
-            report.queue_depth = rabbitmq.queue_depth(settings, STATUS_TIMEOUT)
-        except rabbitmq.QueueTypeMismatch as error:
-            report.queue_error = str(error)
-    report.counts_error = f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker"
-
-
 def _without_password(text: str, url: str) -> str:
     password = urlsplit(url).password
     return text.replace(password, "***") if password else text
@@ -141,15 +84,15 @@ def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerR
     """Asks the broker, giving up after `timeout` seconds whatever it is stuck on."""
     url = settings.broker_url_or_default
     report = BrokerReport(url=masked_url(url))
-    probe: Callable[[Settings, BrokerReport], None]
-    if settings.uses_embedded_broker:
-        probe = _probe_embedded
-    elif uses_redis(settings):
-        probe = _probe_redis
-    else:
-        probe = _probe_other
+    broker = broker_for(settings)
 
-    finished, _, error = _within(timeout, "status-broker", lambda: probe(settings, report))
+    def probe() -> None:
+        state = broker.queue_state(timeout)  # raises when the broker does not answer
+        report.answers = True
+        report.queue_depth, report.unacked, report.queue_error = state.depth, state.held, state.problem
+        report.counts = counters.read_counts(settings, timeout)
+
+    finished, _, error = _within(timeout, "status-broker", probe)
     if not finished:
         return BrokerReport(url=report.url, error=f"no answer within {timeout:g}s")
     if isinstance(error, counters.CountsUnavailable):
@@ -170,7 +113,7 @@ def ask_workers(settings: Settings, deadline: float) -> list[dict[str, Any]]:
         answers.extend({"name": name, **answer} for name, answer in reply.items() if isinstance(answer, dict))
 
     def broadcast() -> None:
-        options = {"polling_interval": EMBEDDED_POLLING_INTERVAL} if settings.uses_embedded_broker else {}
+        options = broker_for(settings).reply_transport_options()
         with app.connection_for_write(transport_options=options) as connection:
             app.control.broadcast(STATUS_COMMAND, connection=connection, reply=True, timeout=WORKER_REPLY_WAIT,
                                   callback=collect)
@@ -210,8 +153,7 @@ def collect_status(settings: Settings) -> Status:
         status.workers = ask_workers(settings, max(1.0, min(WORKERS_DEADLINE, remaining)))
         if not counters.keeps_counts(settings) and status.consuming:
             # A broker that stores no values: each worker counts in its data folder and says so.
-            status.broker.counts = counters.add_counts([worker.get("deliveries") or {}
-                                                        for worker in status.consuming])
+            status.broker.counts = add_counts([worker.get("deliveries") or {} for worker in status.consuming])
             status.broker.counts_error = None
     # Switched off here, nothing is expected to flow: what broker and workers say is information only.
     if settings.enabled:

@@ -467,10 +467,10 @@ def publish_events(count: int, queue: str, broker_url: str | None = None, embedd
     when given; returns them as a worker reads them back."""
     from dataclasses import replace
 
-    from rubrix_hooks import message
-    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, timestamp_us
+    from telemetry_core import message
+    from telemetry_core.contract import LOG_RECORDS_REQUESTED, timestamp_us
     from rubrix_hooks.publisher import CeleryBatchSender, Publisher
-    from rubrix_hooks.settings import load_settings
+    from telemetry_core.settings import load_settings
 
     settings = load_settings()
     settings = replace(settings, queue=queue, broker_url=broker_url or settings.broker_url,

@@ -37,7 +37,7 @@ def test_an_outage_warns_once_per_interval_from_the_publisher_thread_not_per_req
     import logging
 
     from rubrix_hooks import telemetry
-    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, timestamp_us
+    from telemetry_core.contract import LOG_RECORDS_REQUESTED, timestamp_us
     from rubrix_hooks.publisher import Publisher
     from tests.support import wait_until
 

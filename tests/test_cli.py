@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from rubrix_hooks.contract import validate_event
+from telemetry_core.contract import validate_event
 from telemetry_ops.cli import build_parser
 from telemetry_ops.preview import ID_NOT_CREATED_YET
 from tests.support import REPO_ROOT, child_environment, free_port, wait_until
@@ -174,7 +174,7 @@ def preview_with_a_local_id(tmp_path, **env: str | None) -> dict:
 
 
 def test_preview_on_redis_shows_the_deployment_id_the_workers_send(tmp_path):
-    from tasks.installation_id import REDIS_KEY
+    from telemetry_core.brokers.redis import DEPLOYMENT_ID_KEY as REDIS_KEY
     from tests.support import RedisServer
 
     redis = RedisServer(port=free_port(), folder=tmp_path / "redis")
@@ -193,8 +193,8 @@ def test_preview_on_redis_shows_the_deployment_id_the_workers_send(tmp_path):
 
 
 def test_preview_on_rabbitmq_reads_the_stream_without_creating_it(tmp_path, rabbitmq_vhost):
-    from rubrix_hooks.rabbitmq import DEPLOYMENT_ID_STREAM, shared_deployment_id
-    from rubrix_hooks.settings import load_settings
+    from telemetry_core.brokers.rabbitmq import DEPLOYMENT_ID_STREAM, shared_deployment_id
+    from telemetry_core.settings import load_settings
 
     shown = preview_with_a_local_id(tmp_path, RUBRIX_TELEMETRY_BROKER_URL=rabbitmq_vhost.url)
     assert shown["deployment_id"] == LOCAL_ID and "first delivery offers this one" in shown["deployment_id_from"]

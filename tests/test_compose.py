@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from rubrix_hooks.settings import load_settings
+from telemetry_core.settings import load_settings
 from telemetry_ops.cli import build_parser
 from tests.support import REPO_ROOT, child_environment
 

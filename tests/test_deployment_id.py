@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.installation_id import FILE_NAME, REDIS_KEY
+from tasks.installation_id import FILE_NAME
+from telemetry_core.brokers.redis import DEPLOYMENT_ID_KEY as REDIS_KEY
 from telemetry_ops.collector import Collector
 from tests.support import RedisServer, children_fixture, free_port, publish_events, unique_messages
 
@@ -44,8 +45,8 @@ class RabbitBroker:
         self.url = self.server.url
 
     def stored_id(self) -> str:
-        from rubrix_hooks.rabbitmq import shared_deployment_id
-        from rubrix_hooks.settings import load_settings
+        from telemetry_core.brokers.rabbitmq import shared_deployment_id
+        from telemetry_core.settings import load_settings
 
         # What a worker offering a new id would read: the stream's first, if it has one.
         return shared_deployment_id(load_settings({"RUBRIX_TELEMETRY_BROKER_URL": self.url}),
@@ -119,7 +120,7 @@ def test_a_broker_that_cannot_keep_the_id_leaves_each_worker_on_its_own_with_one
     # the declare is refused). Delivery goes on, under the data folder's id.
     from kombu import Connection
 
-    from rubrix_hooks.rabbitmq import DEPLOYMENT_ID_STREAM
+    from telemetry_core.brokers.rabbitmq import DEPLOYMENT_ID_STREAM
 
     with Connection(rabbitmq_vhost.url) as connection:
         connection.channel().queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False)

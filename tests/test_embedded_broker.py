@@ -1,6 +1,6 @@
 """With no broker URL, an on-disk queue carries events from a server to a worker: no Redis needed.
 
-The queue is kombu's filesystem transport made at-least-once (rubrix_hooks/embedded_queue.py):
+The queue is kombu's filesystem transport made at-least-once (telemetry_core/brokers/embedded.py):
 these tests kill real `celery -A tasks worker` processes on it. Figures in docs/reliability.md.
 """
 
@@ -131,7 +131,7 @@ def test_worker_killed_mid_delivery_the_next_worker_delivers_its_batch(children,
 @pytest.mark.slow
 def test_a_live_workers_batch_is_left_alone_and_taken_back_once_it_is_killed(children, collectors, watched_tmp,
                                                                             tmp_path):
-    from rubrix_hooks.embedded_queue import ORPHAN_SWEEP_INTERVAL
+    from telemetry_core.brokers.embedded import ORPHAN_SWEEP_INTERVAL
 
     data = tmp_path / "data"
     backend, in_flight, release, held = _held_first_delivery(collectors)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from rubrix_hooks import flush, track_bulk
-from rubrix_hooks.contract import DELIVER_TASK_NAME
+from telemetry_core.contract import DELIVER_TASK_NAME
 from tests.support import (REPO_ROOT, WorkerProcess, child_environment, free_port, publish_events, scripted,
                            wait_until)
 
@@ -160,7 +160,7 @@ def test_prometheus_endpoint_counts_deliveries_and_retries(pipeline, flower):
 
 def test_flower_on_the_embedded_queue_sees_every_delivery_across_its_sweeps(collectors, tmp_path):
     # The default broker: Flower reads task events from a queue in the data folder, whose
-    # messages expire after 5 s when nobody takes them (rubrix_hooks/embedded_queue.py). A
+    # messages expire after 5 s when nobody takes them (telemetry_core/brokers/embedded.py). A
     # live Flower keeps taking them, across several of the queue's 5 s sweeps.
     data = tmp_path / "data"
     env = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(data)}

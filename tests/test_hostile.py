@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rubrix_hooks import flush, stats, track_bulk, track_error, track_login
-from rubrix_hooks.contract import EVENT_KEYS, RUBRIX_TASKS, validate_event
-from rubrix_hooks import message
-from rubrix_hooks.platform_info import PLATFORM_KEYS, platform_info
+from telemetry_core.contract import EVENT_KEYS, RUBRIX_TASKS, validate_event
+from telemetry_core import message
+from telemetry_core.platform_info import PLATFORM_KEYS, platform_info
 from tests.support import unique_messages, wait_until
 
 CANARY = "CANARY-9c41"  # '-' can never be part of an error code, so no valid code carries it
@@ -237,7 +237,7 @@ def assert_inside_the_contract(backend) -> list[dict]:
 
 def counting_worker_drops():
     """A function returning the events the workers dropped since now, by reason (tasks/counters.py)."""
-    from rubrix_hooks.settings import load_settings
+    from telemetry_core.settings import load_settings
     from tasks import counters
 
     settings_ = load_settings()

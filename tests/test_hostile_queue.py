@@ -15,12 +15,11 @@ from datetime import datetime
 
 import pytest
 
-from rubrix_hooks import message
-from rubrix_hooks.contract import DELIVER_TASK_NAME, EVENT_KEYS, validate_event
+from telemetry_core import message
+from telemetry_core.contract import DELIVER_TASK_NAME, EVENT_KEYS, validate_event
 from rubrix_hooks.example_app import API_KEY
-from rubrix_hooks.settings import load_settings
+from telemetry_core.settings import load_settings
 from tasks import counters
-from tasks.broker_redis import broker_redis
 from telemetry_ops.collector import Collector
 from tests.support import (WRAPPED_APP_MODULE, RedisServer, child_environment, children_fixture, free_port,
                            http_request, publish_events, unique_messages, wait_until)
@@ -45,9 +44,7 @@ def collector():
 
 def worker_counts(redis_server) -> dict:
     """The delivery counts the workers keep in the broker (tasks/counters.py)."""
-    settings = replace(load_settings(), broker_url=redis_server.url)
-    with broker_redis(settings, 2) as client:
-        return counters.read_counts(settings, client)
+    return counters.read_counts(replace(load_settings(), broker_url=redis_server.url), timeout=2)
 
 
 def envelope(body: bytes, content_type: str = "application/json", encoding: str = "utf-8",

@@ -1,4 +1,4 @@
-"""The task message between server and worker (rubrix_hooks/message.py): formats, upgrades,
+"""The task message between server and worker (telemetry_core/message.py): formats, upgrades,
 and messageIds that stay fixed whatever happens to a message on its way.
 
 Against the session's redis-server, its in-process worker (on the `telemetry` queue) and
@@ -17,10 +17,10 @@ from typing import Any, Iterator
 import pytest
 from celery import Celery
 
-from rubrix_hooks import message
-from rubrix_hooks.contract import DELIVER_TASK_NAME, new_message_id_prefix, timestamp_us
-from rubrix_hooks.platform_info import PLATFORM_KEYS, platform_info
-from rubrix_hooks.settings import load_settings
+from telemetry_core import message
+from telemetry_core.contract import DELIVER_TASK_NAME, new_message_id_prefix, timestamp_us
+from telemetry_core.platform_info import PLATFORM_KEYS, platform_info
+from telemetry_core.settings import load_settings
 from tasks import counters
 from tests.support import RedisServer, unique_messages, wait_until
 

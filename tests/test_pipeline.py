@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 
 from rubrix_hooks import flush, track_bulk, track_error, track_login
-from rubrix_hooks.platform_info import PLATFORM_KEYS, platform_info
+from telemetry_core.platform_info import PLATFORM_KEYS, platform_info
 
 CANARY = "CANARY-7f3a"
 

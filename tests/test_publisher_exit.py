@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rubrix_hooks import message
+from telemetry_core import message
 
 from tests.support import child_environment, run_hook_client
 

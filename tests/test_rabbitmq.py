@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from rubrix_hooks import rabbitmq
-from rubrix_hooks.settings import load_settings
+from telemetry_core.brokers import rabbitmq
+from telemetry_core.settings import load_settings
 from tests.support import (REPO_ROOT, SilentBroker, assert_each_delivered_once_after_dedup, child_environment,
                            children_fixture, hook_client_argv, publish_events, retries_logged, run_hook_client,
                            scripted, status_json, unique_messages)
@@ -34,9 +34,9 @@ def assert_each_publish_gives_up_within_the_timeout(broker_url: str, publish_tim
     next one too (a fresh connection, not the blocked one)."""
     from dataclasses import replace
 
-    from rubrix_hooks import message
+    from telemetry_core import message
     from rubrix_hooks.publisher import CeleryBatchSender, PublishUnconfirmed
-    from rubrix_hooks.settings import load_settings
+    from telemetry_core.settings import load_settings
 
     settings = replace(load_settings(), broker_url=broker_url, queue="alarm-direct", publish_timeout=publish_timeout)
     sender = CeleryBatchSender(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from rubrix_hooks.settings import load_settings
+from telemetry_core.settings import load_settings
 from tasks.segment import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, deliver_messages
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rubrix_hooks.contract import MAX_HEADER_LENGTH
+from telemetry_core.contract import MAX_HEADER_LENGTH
 from rubrix_hooks.example_app import API_KEY
 from telemetry_ops.collector import Collector
 from tests.support import (WRAPPED_APP_MODULE, Children, RedisServer, child_environment, children_fixture,

@@ -8,15 +8,16 @@ import sys
 
 import pytest
 
-from rubrix_hooks.settings import (ConfigurationError, broker_transport_options, embedded_broker_folders, load_settings,
-                                   masked_url, telemetry_switch)
+from telemetry_core.brokers.embedded import broker_folders as embedded_broker_folders
+from telemetry_core.settings import (ConfigurationError, broker_transport_options, load_settings, masked_url,
+                                     telemetry_switch)
 from tests.support import REPO_ROOT, child_environment
 
 
 def test_defaults_use_the_embedded_broker_and_segment():
     settings = load_settings({})
     assert settings.enabled and settings.decided_by == "default"
-    assert settings.uses_embedded_broker and settings.broker_url_or_default.startswith("embedded://")
+    assert settings.broker_url is None and settings.broker_url_or_default.startswith("embedded://")
     assert settings.endpoint == "https://api.segment.io" and settings.is_segment
     assert settings.queue == "telemetry" and settings.write_key is None
 
@@ -149,7 +150,7 @@ def test_bad_transport_options_stop_the_start_with_one_line(command):
 
 def test_the_embedded_queues_url_means_the_default():
     settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "embedded://localhost//"})
-    assert settings.uses_embedded_broker and settings.broker_url_or_default == "embedded://localhost//"
+    assert settings.broker_url is None and settings.broker_url_or_default == "embedded://localhost//"
 
 
 @pytest.mark.parametrize("url", ["foo://x", "redis-cluster://h:7000", "http://h:6379/0"])

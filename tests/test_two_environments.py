@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from rubrix_hooks.platform_info import platform_info
+from telemetry_core.platform_info import platform_info
 from tests.support import (HOOK_CLIENT, REPO_ROOT, RUNTIME_DEPENDENCIES, cached_venv, child_environment,
                            pyenv_pythons)
 
@@ -41,7 +41,7 @@ def test_events_carry_the_servers_rubrix_and_python_versions_not_the_workers(ser
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.version("rubrix")
     server_side = json.loads(subprocess.run(
-        [server_python, "-c", "import json; from rubrix_hooks.platform_info import platform_info; "
+        [server_python, "-c", "import json; from telemetry_core.platform_info import platform_info; "
                               "print(json.dumps(platform_info()))"],
         cwd=REPO_ROOT, env=child_environment(PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True,
         check=True).stdout)

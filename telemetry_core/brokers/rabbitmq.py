@@ -1,5 +1,6 @@
-"""The telemetry queue on RabbitMQ: its declaration, its type, and its depth; and the
-deployment id, kept in a stream of the vhost.
+"""RabbitMQ as the broker (`amqp://`, `amqps://`): the telemetry queue's declaration, its type
+and its depth; publisher confirms; and the deployment id, kept in a stream of the vhost.
+RabbitMQ stores no values, so each worker keeps its delivery counts in its own data folder.
 
 Server, workers and `status` declare the queue alike, with `RUBRIX_TELEMETRY_QUEUE_TYPE`
 (`x-queue-type`). RabbitMQ refuses to re-declare an existing queue with another type
@@ -10,13 +11,17 @@ server that never publishes never loads it.
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import time
 import uuid
 from typing import Any
 
-from rubrix_hooks.settings import Settings
+from telemetry_core.brokers.base import Broker, PublishUnconfirmed, QueueMisconfigured, QueueState, WorkerCannotStart
+from telemetry_core.settings import Settings
+
+log = logging.getLogger("telemetry_core.brokers.rabbitmq")
 
 # The stream that holds the deployment id: its first message that is a UUID.
 DEPLOYMENT_ID_STREAM = "rubrix-telemetry.deployment-id"
@@ -30,7 +35,7 @@ STREAM_START_WAIT = 10.0
 _CURRENT_TYPE = re.compile(r"current is (?:the value '(?P<type>\w+)'|none)")
 
 
-class QueueTypeMismatch(Exception):
+class QueueTypeMismatch(QueueMisconfigured):
     """The queue exists on the broker with another type than RUBRIX_TELEMETRY_QUEUE_TYPE."""
 
 
@@ -203,3 +208,59 @@ def _first_id(connection: Any, wait: float) -> str | None:
     channel.basic_cancel(tag)
     channel.close()
     return found[0] if found else None
+
+
+class RabbitMQBroker(Broker):
+    label = "RabbitMQ"
+    keeps_deployment_id = True
+
+    def check_settings(self) -> None:
+        pass  # both queue types are RabbitMQ's
+
+    def redelivery_limit(self) -> tuple[str, float]:
+        # RabbitMQ closes the channel of a worker holding a delivery longer (celery#6760).
+        return "RUBRIX_TELEMETRY_CONSUMER_TIMEOUT", self.settings.consumer_timeout
+
+    def publisher_transport_options(self) -> dict[str, Any]:
+        # Publisher confirms: a publish returns only once the broker has the message;
+        # unconfirmed, a blocked or failing broker can lose it without a word.
+        return {"confirm_publish": True}
+
+    def publish_bounds(self) -> dict[str, float]:
+        # A broker that blocks publishers (memory or disk alarm) stops reading: the write and
+        # the wait for the confirm each give up after the publish timeout.
+        return {"timeout": self.settings.publish_timeout, "confirm_timeout": self.settings.publish_timeout}
+
+    def task_queues(self) -> list[Any]:
+        return task_queues(self.settings)
+
+    def prepare_worker(self, timeout: float) -> None:
+        """Stops the start with one line when the queue exists with another type: Celery would
+        stop with a traceback at its first declare, and a supervisor restart it for ever."""
+        try:
+            ensure_queue(self.settings, timeout)
+        except QueueTypeMismatch as error:
+            raise WorkerCannotStart(str(error)) from None
+        except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
+            log.debug("telemetry: could not check the queue before start: %r", error)
+
+    def explain_publish_error(self, error: Exception) -> Exception | None:
+        # py-amqp: socket.timeout waiting for the confirm, "basic_publish: timed out" writing.
+        if any(isinstance(e, (socket.timeout, TimeoutError)) or "timed out" in str(e)
+               for e in (error, error.__cause__) if e is not None):
+            return PublishUnconfirmed(f"not confirmed within {self.settings.publish_timeout:g}s")
+        mismatch = mismatch_message(error, self.settings)
+        return None if mismatch is None else QueueTypeMismatch(mismatch)
+
+    def queue_state(self, timeout: float) -> QueueState:
+        super().queue_state(timeout)  # does it answer at all
+        try:
+            return QueueState(depth=queue_depth(self.settings, timeout))
+        except QueueTypeMismatch as error:
+            return QueueState(problem=str(error))
+
+    def shared_deployment_id(self, offered: str, timeout: float) -> str:
+        return shared_deployment_id(self.settings, offered, timeout)
+
+    def stored_deployment_id(self, timeout: float) -> str | None:
+        return stored_deployment_id(self.settings, timeout)

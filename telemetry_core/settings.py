@@ -17,17 +17,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
-log = logging.getLogger("rubrix_hooks.settings")
+log = logging.getLogger("telemetry_core.settings")
 
 # The spellings pydantic's bool accepted for Rubrix 0.18's RUBRIX_ENABLE_TELEMETRY (any case,
 # surrounding spaces ignored); DO_NOT_TRACK, the cross-tool convention, reads the same way.
 TRUE_VALUES = ("1", "true", "t", "yes", "y", "on")
 FALSE_VALUES = ("0", "false", "f", "no", "n", "off")
 SEGMENT_ENDPOINT = "https://api.segment.io"
-# The URL scheme of the embedded on-disk queue (rubrix_hooks/embedded_queue.py).
+# The URL scheme of the embedded on-disk queue (telemetry_core/brokers/embedded.py), the default.
 EMBEDDED_SCHEME = "embedded"
-# Broker URL schemes that kombu serves with RabbitMQ's protocol (AMQP 0-9-1, py-amqp).
-AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 QUEUE_TYPES = ("classic", "quorum")
 
 
@@ -66,16 +64,8 @@ class Settings:
     switch_error: str | None = None
 
     @property
-    def uses_embedded_broker(self) -> bool:
-        return self.broker_url is None
-
-    @property
     def broker_url_or_default(self) -> str:
         return self.broker_url or f"{EMBEDDED_SCHEME}://localhost//"
-
-    @property
-    def uses_amqp_broker(self) -> bool:
-        return urlsplit(self.broker_url_or_default).scheme in AMQP_SCHEMES
 
     @property
     def is_segment(self) -> bool:
@@ -218,11 +208,6 @@ def _check_transport_options(settings: Settings) -> None:
     if "visibility_timeout" in extra:
         raise ConfigurationError(f"{TRANSPORT_OPTIONS_VARIABLE} must not set visibility_timeout: "
                                  "use RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT")
-    # kombu would only say so inside the worker's connection loop, and the server never.
-    scheme = urlsplit(settings.broker_url or "").scheme
-    if scheme == "sentinel" and not extra.get("master_name"):
-        raise ConfigurationError(f"a sentinel:// RUBRIX_TELEMETRY_BROKER_URL needs the master's name in "
-                                 f"{TRANSPORT_OPTIONS_VARIABLE}, e.g. {{\"master_name\": \"mymaster\"}}")
 
 
 def _queue_name(raw: str) -> str:
@@ -272,20 +257,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if settings.broker_url is not None:
         _check_broker_scheme(settings.broker_url)
     _check_transport_options(settings)
-    if settings.queue_type != "classic" and not settings.uses_amqp_broker:
-        raise ConfigurationError(
-            f"RUBRIX_TELEMETRY_QUEUE_TYPE={settings.queue_type} needs a RabbitMQ broker (amqp://), "
-            f"not {urlsplit(settings.broker_url_or_default).scheme}://"
-        )
+    from telemetry_core.brokers import broker_for  # the brokers import this module
+
+    broker = broker_for(settings)
+    broker.check_settings()
     # A retry waits its countdown in a message the worker holds unacknowledged (acks_late; a
     # Celery retry is a new message with an ETA, which the worker keeps until it is due). Held
     # longer than the broker allows, it is redelivered to a second worker (Redis: visibility
     # timeout), or RabbitMQ closes the worker's channel (consumer_timeout, celery#6760):
     # refuse such a configuration outright.
-    if settings.uses_amqp_broker:
-        limit_name, limit = "RUBRIX_TELEMETRY_CONSUMER_TIMEOUT", settings.consumer_timeout
-    else:
-        limit_name, limit = "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", settings.visibility_timeout
+    limit_name, limit = broker.redelivery_limit()
     if settings.backoff_max >= limit:
         raise ConfigurationError(
             f"RUBRIX_TELEMETRY_BACKOFF_MAX must be below {limit_name} ({settings.backoff_max:g} >= {limit:g})"
@@ -299,48 +280,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    """kombu transport options shared by the server's publisher and the workers: ours, with
-    RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS over them (Sentinel's master_name, ...)."""
-    return {**_own_transport_options(settings), **settings.extra_transport_options}
+    """kombu transport options shared by the server's publisher and the workers: the broker's
+    own, with RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS over them (Sentinel's master_name, ...)."""
+    from telemetry_core.brokers import broker_for
 
-
-def _own_transport_options(settings: Settings) -> dict[str, Any]:
-    if settings.uses_embedded_broker:
-        # Both sides build their broker connection right after this call: kombu must know the
-        # embedded scheme by then (imported only now: a server without events never loads kombu).
-        from rubrix_hooks import embedded_queue
-
-        embedded_queue.register()
-        folders = embedded_broker_folders(settings)
-        for folder in folders.values():  # kombu's filesystem transport expects them to exist
-            folder.mkdir(parents=True, exist_ok=True)
-        return {
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "control_folder": str(folders["control"]),
-            "unacked_folder": str(folders["unacked"]),
-        }
-    if settings.uses_amqp_broker:
-        # py-amqp needs none of Redis's options; the server's publisher adds its own
-        # (publisher confirms, `CeleryBatchSender`).
-        return {}
-    return {
-        "visibility_timeout": settings.visibility_timeout,
-        # kombu restores a dead worker's unacked messages only when its timer fires
-        # (every interval) and then only every `throttle` firings: 10 s x 10 by default.
-        # Tie both to the visibility timeout so recovery takes about that long, no more.
-        "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout // 10) or 1)),
-        "unacked_restore_throttle": 1,
-        "socket_connect_timeout": settings.publish_timeout,
-        "socket_timeout": max(settings.publish_timeout, 5.0),
-        "retry_on_timeout": False,
-    }
-
-
-def embedded_broker_folders(settings: Settings) -> dict[str, Path]:
-    """Where the embedded queue keeps its files; creates nothing (`status` only reads)."""
-    root = settings.data_dir / "broker"
-    return {name: root / name for name in ("queue", "control", "unacked")}
+    return {**broker_for(settings).transport_options(), **settings.extra_transport_options}
 
 
 def masked_url(url: str) -> str:

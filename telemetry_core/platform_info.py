@@ -12,7 +12,7 @@ import functools
 import importlib.metadata
 import platform
 
-from rubrix_hooks.contract import PLATFORM_KEYS, platform_value
+from telemetry_core.contract import PLATFORM_KEYS, platform_value
 
 __all__ = ["PLATFORM_KEYS", "platform_info", "rubrix_version"]
 

@@ -28,7 +28,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from rubrix_hooks.contract import (
+from telemetry_core.contract import (
     EVENT_FIELDS,
     EVENT_KEYS,
     InvalidEvent,

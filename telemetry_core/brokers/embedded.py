@@ -31,7 +31,8 @@ message, and no file is written anywhere else. Message files keep kombu's names
 counts the queue as before. POSIX only (fcntl), as is the rest of the data folder's locking.
 
 The URL `embedded://` names this transport; `register()` makes kombu know it, in every
-process that connects (`settings.broker_transport_options` calls it).
+process that connects (`EmbeddedBroker.transport_options` calls it). The delivery counts and
+the deployment id live in the same data folder, which server and workers share anyway.
 """
 
 from __future__ import annotations
@@ -46,15 +47,17 @@ import time
 import uuid
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, Iterator
 
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from rubrix_hooks.settings import EMBEDDED_SCHEME
+from telemetry_core.brokers.base import Broker, QueueState
+from telemetry_core.counts import FileCounts
+from telemetry_core.settings import EMBEDDED_SCHEME, Settings
 
-log = logging.getLogger("rubrix_hooks.embedded_queue")
+log = logging.getLogger("telemetry_core.brokers.embedded")
 
 # How often a consumer looks for messages whose owner has died (besides at its start),
 # and for broadcasts nobody took.
@@ -350,3 +353,60 @@ class Transport(filesystem.Transport):
                 raise socket.timeout()
             pause = self.polling_interval if timeout is None else min(self.polling_interval, timeout - waited)
             self._settled.wait(pause)
+
+
+def broker_folders(settings: Settings) -> dict[str, Path]:
+    """Where the embedded queue keeps its files; creates nothing (`status` only reads)."""
+    root = settings.data_dir / "broker"
+    return {name: root / name for name in ("queue", "control", "unacked")}
+
+
+def _names_in(folder: Path) -> Iterator[str]:
+    """The folder's entries; none when it has just gone (its worker acked its last message)."""
+    try:
+        yield from os.listdir(folder)
+    except FileNotFoundError:
+        return
+
+
+class EmbeddedBroker(Broker):
+    label = "embedded queue"
+    keeps_counts = True  # counts.json in the shared data folder
+
+    def transport_options(self) -> dict[str, Any]:
+        # Both sides build their broker connection right after this call: kombu must know the
+        # embedded scheme by then.
+        register()
+        folders = broker_folders(self.settings)
+        for folder in folders.values():  # kombu's filesystem transport expects them to exist
+            folder.mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "control_folder": str(folders["control"]),
+            "unacked_folder": str(folders["unacked"]),
+        }
+
+    def reply_transport_options(self) -> dict[str, Any]:
+        # kombu's default polling interval (1 s) would add up to a second to each answer.
+        return {"polling_interval": POLLING_INTERVAL}
+
+    def queue_state(self, timeout: float) -> QueueState:
+        folders = broker_folders(self.settings)
+        if not folders["queue"].is_dir():
+            raise FileNotFoundError(f"the embedded queue {folders['queue']} does not exist yet: "
+                                    "no server or worker with this RUBRIX_TELEMETRY_DATA_DIR has started")
+        if not os.access(folders["queue"], os.R_OK | os.W_OK):
+            raise PermissionError(f"cannot read and write {folders['queue']}")
+        # kombu's filesystem transport names each message `<time>_<id>.<queue>.msg`; a taken
+        # message keeps its name in its worker's folder `unacked/<pid>-<random>/` until the ack
+        # deletes it (or it goes back to the queue when its worker dies).
+        ours = f"{self.settings.queue}.msg"
+        depth = sum(1 for name in os.listdir(folders["queue"]) if name.partition(".")[2] == ours)
+        unacked = folders["unacked"]
+        held_folders = [folder for folder in unacked.iterdir() if folder.is_dir()] if unacked.is_dir() else []
+        held = sum(1 for folder in held_folders for name in _names_in(folder) if name.partition(".")[2] == ours)
+        return QueueState(depth=depth, held=held)
+
+    def counts_store(self, timeout: float) -> FileCounts:
+        return FileCounts(self.settings.data_dir)

@@ -2,7 +2,7 @@
 
 Both sides import this module. The server's publisher checks every event with
 `checked_wire_event` before it leaves the process; the worker checks it again when it takes it
-off the queue (`rubrix_hooks.message`), so a producer (buggy, outdated or hostile) cannot
+off the queue (`telemetry_core.message`), so a producer (buggy, outdated or hostile) cannot
 smuggle anything past it. Event names, property names and platform keys are Rubrix 0.18's,
 which the maintainers' dashboards already use.
 """

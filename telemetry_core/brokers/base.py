@@ -1,0 +1,151 @@
+"""The one interface every broker module implements, and what a broker we have no module for gets.
+
+Each method answers one question that the publisher, the worker app, the delivery counts,
+the deployment id or `status` used to answer with a branch of its own on the broker URL's
+scheme. `telemetry_core.brokers.broker_for(settings)` picks the module (kombu's
+`TRANSPORT_ALIASES` is the model); adding a broker is adding a module and one alias.
+
+A scheme kombu knows but we have no module for (`sqs://`, `sqla+postgresql://`, ...) gets
+this class as it is: delivery works, as Celery and kombu do it there, and what it cannot
+report (the queue's depth, the counts in one place, a deployment-wide id) it says plainly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Protocol
+from urllib.parse import urlsplit
+
+from telemetry_core.settings import ConfigurationError, Settings
+
+
+class PublishUnconfirmed(Exception):
+    """The broker did not confirm a publish in time (RabbitMQ blocks publishers during a
+    memory or disk alarm). The batch is held and published again."""
+
+
+class QueueMisconfigured(Exception):
+    """The broker refuses the telemetry queue as configured (one line for an operator)."""
+
+
+class WorkerCannotStart(Exception):
+    """What a worker must not start with, in one line for the operator."""
+
+
+@dataclass
+class QueueState:
+    """What `status` shows of the telemetry queue; None where the broker cannot tell."""
+
+    depth: int | None = None  # task messages waiting
+    held: int | None = None  # task messages workers hold: being delivered, or waiting for a retry
+    problem: str | None = None  # the queue cannot be used as configured
+
+
+class CountsStore(Protocol):
+    """Where the delivery counts of a deployment live (fields: `delivered`, `retried`,
+    `dropped:<reason>`)."""
+
+    def add(self, increments: Mapping[str, int]) -> None:
+        """Adds all of the increments, or raises having added none."""
+
+    def read(self) -> dict[str, int]:
+        """Every field; raises when the store cannot be read."""
+
+
+class Broker:
+    """A broker kombu knows, as rubrix-telemetry uses it (see the module's docstring)."""
+
+    #: How `status` and the logs name this kind of broker.
+    label: ClassVar[str] = "kombu"
+    #: Whether the deployment's delivery counts live in the broker (else each worker keeps
+    #: its own in its data folder and reports them in its answer to `status`).
+    keeps_counts: ClassVar[bool] = False
+    #: Whether the broker keeps the deployment id (else each data folder's id is used).
+    keeps_deployment_id: ClassVar[bool] = False
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def url(self) -> str:
+        return self.settings.broker_url_or_default
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    # -- configuration (checked when the settings are loaded) ----------------------------
+    def check_settings(self) -> None:
+        """Raises ConfigurationError for a setting this broker cannot honour."""
+        if self.settings.queue_type != "classic":
+            raise ConfigurationError(f"RUBRIX_TELEMETRY_QUEUE_TYPE={self.settings.queue_type} needs a RabbitMQ "
+                                     f"broker (amqp://), not {self.scheme}://")
+
+    def redelivery_limit(self) -> tuple[str, float]:
+        """The variable, and its seconds, after which the broker takes back a message a worker
+        holds unacknowledged: every retry countdown must stay below it."""
+        return "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", self.settings.visibility_timeout
+
+    # -- Celery and kombu ---------------------------------------------------------------
+    def transport_options(self) -> dict[str, Any]:
+        """kombu transport options for every connection, before the operator's own
+        (RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS) are merged over them."""
+        return {}
+
+    def publisher_transport_options(self) -> dict[str, Any]:
+        """Transport options added for the processes that publish task messages."""
+        return {}
+
+    def publish_bounds(self) -> dict[str, float]:
+        """Keyword arguments that bound each publish's waits (`send_task`/`apply_async`)."""
+        return {}
+
+    def reply_transport_options(self) -> dict[str, Any]:
+        """Transport options for a short-lived client waiting for the workers' replies (`status`)."""
+        return {}
+
+    def task_queues(self) -> list[Any]:
+        """Celery's `task_queues`: the telemetry queue as this broker declares it."""
+        from kombu import Queue
+
+        return [Queue(self.settings.queue, routing_key=self.settings.queue)]
+
+    def prepare_worker(self, timeout: float) -> None:
+        """Before a worker consumes; raises WorkerCannotStart with one line for the operator."""
+
+    def explain_publish_error(self, error: Exception) -> Exception | None:
+        """A clearer exception for a failed publish (PublishUnconfirmed, QueueMisconfigured),
+        or None to let the error stand."""
+        return None
+
+    # -- what `status` shows -------------------------------------------------------------
+    def queue_state(self, timeout: float) -> QueueState:
+        """The queue's depth and what workers hold; raises when the broker does not answer."""
+        from kombu import Connection
+
+        with Connection(self.url, connect_timeout=timeout) as connection:
+            connection.ensure_connection(max_retries=1)
+        return QueueState()
+
+    def backlog(self, timeout: float) -> int | None:
+        """Task messages that wait for delivery: queued, and held by workers (being delivered or
+        waiting for a retry); None where the broker cannot tell. What "Bounded footprint"
+        bounds; a broker module overrides it where it can count better than `queue_state`."""
+        state = self.queue_state(timeout)
+        return None if state.depth is None else state.depth + (state.held or 0)
+
+    def no_counts_reason(self) -> str:
+        return f"no counts kept on an {self.scheme}:// broker"
+
+    # -- where the counts and the deployment id live ---------------------------------------
+    def counts_store(self, timeout: float) -> CountsStore | None:
+        """The deployment's counts in the broker; None when it keeps none (`keeps_counts`)."""
+        return None
+
+    def shared_deployment_id(self, offered: str, timeout: float) -> str:
+        """The deployment id kept by the broker, `offered` becoming it if it has none yet."""
+        raise NotImplementedError(f"{self.label} brokers keep no deployment id")
+
+    def stored_deployment_id(self, timeout: float) -> str | None:
+        """The deployment id kept by the broker, or None; only reads."""
+        raise NotImplementedError(f"{self.label} brokers keep no deployment id")

@@ -1,0 +1,151 @@
+"""Redis as the broker (`redis://`, `rediss://` for TLS, `sentinel://`): kombu's Redis transport,
+and what rubrix-telemetry keeps there besides the queue.
+
+- The queue is a Redis list; messages a worker took and has not acknowledged (being
+  delivered, or held for a retry countdown) wait in the hash `unacked` (transport option
+  `unacked_key`) until the visibility timeout gives them to another worker.
+- The delivery counts are the hash COUNTS_KEY (HINCRBY is atomic across workers).
+- The deployment id is the key DEPLOYMENT_ID_KEY, set once with SET NX.
+
+One parser for the broker URL: kombu's, the one Celery itself connects with. redis-py's own
+`from_url` reads `rediss://...?ssl_cert_reqs=CERT_REQUIRED` differently and knows nothing
+of `sentinel://`; kombu's channel gives a `redis.Redis` with the URL's TLS options, the
+password or ACL user, and, on Sentinel, a pool that finds the current master by itself
+(after a failover too), all with RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from typing import Any, Iterator, Mapping
+
+from telemetry_core.brokers.base import Broker, QueueState
+from telemetry_core.settings import ConfigurationError, Settings, broker_transport_options
+
+COUNTS_KEY = "rubrix-telemetry:counts"
+DEPLOYMENT_ID_KEY = "rubrix-telemetry:installation-id"
+# kombu's default for the transport option `unacked_key`.
+UNACKED_KEY = "unacked"
+
+
+class BrokerRedis:
+    """A kombu connection to the broker and the `redis.Redis` of its channel (`client`)."""
+
+    def __init__(self, settings: Settings, timeout: float) -> None:
+        from kombu import Connection
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # Fail fast: `timeout` seconds to connect (each Sentinel node, then the master) and
+        # to answer, and no connection retries, whatever the shared options say (redis-py
+        # retries each Sentinel node 3 times by default: 7 s for two dead ones).
+        options = broker_transport_options(settings)
+        sentinel_options = {**options.get("sentinel_kwargs", {}), "socket_connect_timeout": timeout,
+                            "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
+        options.update(socket_connect_timeout=timeout, socket_timeout=timeout, max_retries=0,
+                       sentinel_kwargs=sentinel_options)
+        self.connection = Connection(settings.broker_url_or_default, transport_options=options,
+                                     connect_timeout=timeout)
+        try:
+            # Creating the channel connects (and pings): a dead broker raises here.
+            self.client: Any = self.connection.default_channel.client
+        except Exception as error:
+            self.connection.release()
+            # redis-py appends the repr of a client per Sentinel node: keep the sentence.
+            if str(error).startswith("No master found"):
+                raise ConnectionError(f"{str(error).split(' : ')[0]}: no Sentinel answers with it") from None
+            raise
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+@contextlib.contextmanager
+def broker_redis(settings: Settings, timeout: float) -> Iterator[Any]:
+    """The broker's `redis.Redis` for the length of a `with` block."""
+    broker = BrokerRedis(settings, timeout)
+    try:
+        yield broker.client
+    finally:
+        broker.close()
+
+
+_clients: dict[tuple[int, str, float], BrokerRedis] = {}
+
+
+def process_client(settings: Settings, timeout: float) -> Any:
+    """This process's Redis client of the broker: one connection pool per process, never
+    shared across a fork. It reconnects by itself (on Sentinel, to the current master)."""
+    key = (os.getpid(), settings.broker_url_or_default, timeout)
+    if key not in _clients:
+        _clients[key] = BrokerRedis(settings, timeout)
+    return _clients[key].client
+
+
+class RedisCounts:
+    """The deployment's counts in one Redis hash."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def add(self, increments: Mapping[str, int]) -> None:
+        # MULTI/EXEC: all of the increments or none, so that a retry adds nothing twice.
+        pipe = self._client.pipeline(transaction=True)
+        for name, n in increments.items():
+            pipe.hincrby(COUNTS_KEY, name, n)
+        pipe.execute()
+
+    def read(self) -> dict[str, int]:
+        return dict(self._client.hgetall(COUNTS_KEY))
+
+
+def _as_id(stored: Any) -> str | None:
+    return None if stored is None else str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
+
+
+class RedisBroker(Broker):
+    label = "Redis"
+    keeps_counts = True
+    keeps_deployment_id = True
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        # kombu would only say so inside the worker's connection loop, and the server never.
+        if self.scheme == "sentinel" and not self.settings.extra_transport_options.get("master_name"):
+            raise ConfigurationError("a sentinel:// RUBRIX_TELEMETRY_BROKER_URL needs the master's name in "
+                                     'RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS, e.g. {"master_name": "mymaster"}')
+
+    def transport_options(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu restores a dead worker's unacked messages only when its timer fires
+            # (every interval) and then only every `throttle` firings: 10 s x 10 by default.
+            # Tie both to the visibility timeout so recovery takes about that long, no more.
+            "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout // 10) or 1)),
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": settings.publish_timeout,
+            "socket_timeout": max(settings.publish_timeout, 5.0),
+            "retry_on_timeout": False,
+        }
+
+    def queue_state(self, timeout: float) -> QueueState:
+        with broker_redis(self.settings, timeout) as client:  # connecting pings it
+            unacked_key = self.settings.extra_transport_options.get("unacked_key", UNACKED_KEY)
+            return QueueState(depth=int(client.llen(self.settings.queue)), held=int(client.hlen(unacked_key)))
+
+    def counts_store(self, timeout: float) -> RedisCounts:
+        return RedisCounts(process_client(self.settings, timeout))
+
+    def shared_deployment_id(self, offered: str, timeout: float) -> str:
+        client = process_client(self.settings, timeout)
+        client.set(DEPLOYMENT_ID_KEY, offered, nx=True)  # atomic: exactly one first value wins
+        shared = _as_id(client.get(DEPLOYMENT_ID_KEY))
+        if shared is None:
+            raise LookupError(f"{DEPLOYMENT_ID_KEY} was deleted as it was set")
+        return shared
+
+    def stored_deployment_id(self, timeout: float) -> str | None:
+        return _as_id(process_client(self.settings, timeout).get(DEPLOYMENT_ID_KEY))
