@@ -58,17 +58,20 @@ def installation_id(data_dir: Path) -> str:
     new_id = str(uuid.uuid4())
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        draft = data_dir / f".{FILE_NAME}.{os.getpid()}"
+        # A draft of this call's own: named by pid, two containers sharing the folder (both
+        # pid 1) wrote the same draft, and one linked the other's id while returning its own.
+        draft = data_dir / f".{FILE_NAME}.{uuid.uuid4().hex}"
         draft.write_text(new_id + "\n", encoding="ascii")
         try:
             # link() never replaces: when two workers start together, exactly one
-            # complete id wins and both use it.
+            # complete id wins.
             os.link(draft, path)
         except FileExistsError:
-            return _read(path) or new_id
+            pass
         finally:
             draft.unlink(missing_ok=True)
-        return new_id
+        # What the folder keeps, whoever won: every worker sends that one.
+        return _read(path) or new_id
     except OSError as error:
         log.warning("telemetry: cannot store the installation id in %s (%s); using one for this process only",
                     data_dir, error.strerror)
