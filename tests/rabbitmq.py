@@ -42,9 +42,9 @@ def answers(host: str, port: int) -> bool:
         return False
 
 
-def amqp_url(port: int, vhost: str = "/", host: str = "127.0.0.1") -> str:
+def amqp_url(port: int, vhost: str = "/", host: str = "127.0.0.1", user: str = "guest", password: str = "guest") -> str:
     # kombu reads the vhost from the URL's path: the default vhost "/" is spelled "//".
-    return f"amqp://guest:guest@{host}:{port}/" + ("/" if vhost == "/" else quote(vhost, safe=""))
+    return f"amqp://{user}:{password}@{host}:{port}/" + ("/" if vhost == "/" else quote(vhost, safe=""))
 
 
 class MachineVhost:
@@ -54,6 +54,7 @@ class MachineVhost:
         if not answers(MACHINE_HOST, MACHINE_PORT):
             raise RuntimeError(f"no RabbitMQ answers on {MACHINE_HOST}:{MACHINE_PORT} (.ci/run starts one)")
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.users: list[str] = []
         self._ctl("add_vhost", self.name)
         self._ctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
 
@@ -69,7 +70,18 @@ class MachineVhost:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
+    def user_url(self, configure: str, write: str, read: str) -> str:
+        """The URL of a new user with these permission regexes on this vhost only (deleted
+        with the vhost by `delete()`)."""
+        name, password = f"rt-user-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        self._ctl("add_user", name, password)
+        self.users.append(name)
+        self._ctl("set_permissions", "-p", self.name, name, configure, write, read)
+        return amqp_url(MACHINE_PORT, self.name, user=name, password=password)
+
     def delete(self) -> None:
+        for name in self.users:
+            self._ctl("delete_user", name)
         self._ctl("delete_vhost", self.name)
 
 

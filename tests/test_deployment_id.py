@@ -7,12 +7,15 @@ folder of its own, as on two hosts or in two containers without a shared volume.
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tasks.installation_id import FILE_NAME
+from telemetry_core.brokers.rabbitmq import DEPLOYMENT_ID_STREAM, STREAM_START_WAIT
 from telemetry_core.brokers.redis import DEPLOYMENT_ID_KEY as REDIS_KEY
 from telemetry_ops.collector import Collector
 from tests.support import RedisServer, children_fixture, free_port, publish_events, unique_messages
@@ -76,11 +79,20 @@ def deliver(children, collector, broker, queue: str, data_dirs: list, count: int
     """`count` events through one worker per data folder; the anonymousIds the backend saw."""
     for data_dir in data_dirs:
         children.worker(queue, collector.url, broker_url=broker.url, data_dir=str(data_dir))
-    events = publish_events(count, queue, broker_url=broker.url)
-    assert collector.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= count, timeout=30)
+    return publish_and_collect(collector, broker.url, queue, count)[0]
+
+
+def publish_and_collect(collector, broker_url: str, queue: str, count: int,
+                        timeout: float = 30) -> tuple[set[str], float]:
+    """Publishes `count` events to the running workers: (the anonymousIds the backend saw,
+    seconds from publishing to the backend having them all)."""
+    started = time.monotonic()
+    events = publish_events(count, queue, broker_url=broker_url)
+    assert collector.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= count, timeout=timeout)
+    took = time.monotonic() - started
     delivered = unique_messages(collector.accepted_messages())
     assert set(delivered) == {event["messageId"] for event in events}
-    return {message["anonymousId"] for message in delivered.values()}
+    return {message["anonymousId"] for message in delivered.values()}, took
 
 
 def test_workers_with_separate_data_folders_send_one_id_and_it_survives_a_broker_restart(
@@ -120,8 +132,6 @@ def test_a_broker_that_cannot_keep_the_id_leaves_each_worker_on_its_own_with_one
     # the declare is refused). Delivery goes on, under the data folder's id.
     from kombu import Connection
 
-    from telemetry_core.brokers.rabbitmq import DEPLOYMENT_ID_STREAM
-
     with Connection(rabbitmq_vhost.url) as connection:
         connection.channel().queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False)
     host = tmp_path / "host-a"
@@ -130,3 +140,33 @@ def test_a_broker_that_cannot_keep_the_id_leaves_each_worker_on_its_own_with_one
     worker_log = children.started[0].log()
     assert worker_log.count("cannot read the deployment id from the broker (PreconditionFailed)") == 1, worker_log
     assert "Traceback" not in worker_log
+
+
+def test_a_user_refused_the_stream_gets_every_delivery_through_promptly_and_asks_the_broker_once_a_period(
+        children, collector, rabbitmq_vhost, tmp_path):
+    # A user who may use the telemetry queue but not read the stream: the declare passes, the
+    # read is refused (403). Before, that counted as "still starting": each task waited 10 s.
+    not_the_stream = f"^(?!{re.escape(DEPLOYMENT_ID_STREAM)}$).*"
+    refused_url = rabbitmq_vhost.user_url(configure=".*", write=".*", read=not_the_stream)
+    tasks = 4
+    count = tasks * 20  # RUBRIX_TELEMETRY_EVENTS_PER_TASK=20: one task message per 20 events
+
+    # The baseline, measured here: a worker allowed everything creates the stream (its first
+    # task asks the broker) and delivers as many tasks.
+    children.worker("deployment-allowed", collector.url, broker_url=rabbitmq_vhost.url,
+                    data_dir=str(tmp_path / "host-allowed"))
+    (deployment,), baseline = publish_and_collect(collector, rabbitmq_vhost.url, "deployment-allowed", count)
+
+    collector.requests.clear()
+    refused_host = tmp_path / "host-refused"
+    worker = children.worker("deployment-refused", collector.url, broker_url=refused_url, data_dir=str(refused_host))
+    ids, took = publish_and_collect(collector, rabbitmq_vhost.url, "deployment-refused", count, timeout=120)
+    local = (refused_host / FILE_NAME).read_text().strip()
+    assert ids == {local} and local != deployment
+    worker_log = worker.log()
+    # Every ask that fails logs this line: one ask for the four tasks, not one per task.
+    assert worker_log.count("cannot read the deployment id from the broker (AccessRefused)") == 1, worker_log
+    assert "Traceback" not in worker_log
+    # Each failed ask may cost at most one wait for a starting stream; a refusal costs none.
+    assert took < baseline + STREAM_START_WAIT, (
+        f"{tasks} tasks took {took:.1f}s as the refused user, {baseline:.1f}s as a user allowed everything")

@@ -137,7 +137,22 @@ def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> st
 
 
 class _StreamStarting(Exception):
-    """The stream was declared, but reading it failed: it is still starting."""
+    """The stream answered as one still starting (`_stream_starting`): worth another try."""
+
+
+def _stream_starting(error: BaseException) -> bool:
+    """Whether a broker's error is one a starting stream gives.
+
+    Measured on RabbitMQ 3.10 while the declared stream starts: 541 INTERNAL_ERROR and 406
+    "does not have a replica on the local node" from basic.consume just after it is created,
+    404 "home node ... is down or inaccessible" from the declare or the consume after a
+    broker restart. Anything else is final at once: an access refusal (403), a queue of
+    another type holding the name, a RabbitMQ before 3.9, which has no streams.
+    """
+    code = getattr(error, "reply_code", None)
+    text = str(getattr(error, "reply_text", "") or error)
+    return (code == 541 or (code == 406 and "replica on the local node" in text)
+            or (code == 404 and "home node" in text))
 
 
 def stored_deployment_id(settings: Settings, timeout: float) -> str | None:
@@ -154,19 +169,13 @@ def stored_deployment_id(settings: Settings, timeout: float) -> str | None:
 
 def _read_or_offer_id(settings: Settings, offered: str, timeout: float) -> str:
     from amqp import Message
-    from amqp.exceptions import ChannelError, InternalError, NotFound
+    from amqp.exceptions import ChannelError, InternalError
 
     with _connection(settings, timeout) as connection:
         channel = connection.channel()
         try:
             channel.queue_declare(DEPLOYMENT_ID_STREAM, durable=True, auto_delete=False,
                                   arguments={"x-queue-type": "stream"})
-        except NotFound as error:
-            # 404 "home node ... is down or inaccessible": the stream is starting after a
-            # broker restart. Any other refusal is final: a queue of another type holds the
-            # name, a RabbitMQ before 3.9 has no streams, the user may not declare it.
-            raise _StreamStarting() from error
-        try:
             found = _first_id(connection, EMPTY_STREAM_WAIT)
             if found is None:
                 channel.basic_publish_confirm(Message(offered, delivery_mode=2, content_type="text/plain"),
@@ -174,10 +183,11 @@ def _read_or_offer_id(settings: Settings, offered: str, timeout: float) -> str:
                                               confirm_timeout=timeout)
                 found = _first_id(connection, timeout)
         except (ChannelError, InternalError) as error:
-            # Measured on RabbitMQ 3.10 from basic.consume while the declared stream starts:
-            # 541 INTERNAL_ERROR and 406 "does not have a replica on the local node" just after
-            # it is created, 404 "home node ... is down" after a broker restart.
-            raise _StreamStarting() from error
+            # Retried only while the stream starts: a user refused the read (403) would
+            # otherwise wait the whole STREAM_START_WAIT on every ask.
+            if _stream_starting(error):
+                raise _StreamStarting() from error
+            raise
         if found is None:
             raise TimeoutError(f"no id read from the stream {DEPLOYMENT_ID_STREAM!r} within {timeout:g}s")
         return found
