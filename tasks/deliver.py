@@ -119,6 +119,16 @@ def retry_countdown(retries: int, retry_after: float | None, settings: Settings)
     return min(countdown, settings.backoff_max)
 
 
+def _unexpected(error: Exception, events: int, dropped: collections.Counter[str]) -> collections.Counter[str]:
+    """Counts events that an unexpected error (a bug, an input the contract missed) kept from
+    being sent. Raised out of the task instead, they would vanish uncounted: with acks_late a
+    failed task is acknowledged. Only the error's type is named: its text may carry the events."""
+    reason = f"unexpected error ({type(error).__name__})"
+    dropped[reason] += events
+    log.error("telemetry: dropped %d events: %s while building or sending them", events, reason)
+    return dropped
+
+
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
     # Every final outcome of a task passes here: the one place it is counted.
     counters.record(settings, delivered=delivered, dropped=dropped)
@@ -156,9 +166,12 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     platform = batch.platform or platform_info()
     now = time.time()
     started = batch.first_attempt_at if batch.first_attempt_at is not None and batch.first_attempt_at <= now else now
-    anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
-    outcome: DeliveryOutcome = deliver_messages(
-        [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
+    try:
+        anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
+        outcome: DeliveryOutcome = deliver_messages(
+            [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
+    except Exception as error:  # noqa: BLE001
+        return _summary(0, _unexpected(error, len(batch.events), dropped))
     dropped.update(outcome.dropped)
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)
@@ -171,7 +184,10 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)
     # Only what failed is retried, unchanged: same messageId, so the backend can de-duplicate.
-    retry_args, retry_kwargs = batch.retry_message(outcome.retry, platform, started)
+    try:
+        retry_args, retry_kwargs = batch.retry_message(outcome.retry, platform, started)
+    except Exception as error:  # noqa: BLE001
+        return _summary(len(outcome.delivered), _unexpected(error, len(outcome.retry), dropped))
     try:
         retry = self.retry(
             args=retry_args,

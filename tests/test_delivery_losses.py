@@ -91,3 +91,34 @@ def test_retry_that_cannot_be_published_on_a_full_disk_keeps_its_events(children
     final = wait_until(lambda: (c := counts())["delivered"] == 200 and c, timeout=30) or counts()
     assert final["delivered"] == 200 and final["dropped"] == {}, final
     print("disk full during a retry:", [r.status for r in backend.requests], final)
+
+
+def test_lone_surrogate_in_a_platform_value_is_counted_dropped_and_the_worker_goes_on(children, collectors,
+                                                                                       redis_server):
+    from rubrix_hooks import message
+    from rubrix_hooks.contract import LOG_RECORDS_REQUESTED, new_message_id_prefix, timestamp_us
+    from rubrix_hooks.platform_info import platform_info
+    from tests.test_hostile_queue import envelope, task_body, worker_counts
+
+    queue = "hostile-surrogate"
+    backend = collectors()
+    worker = children.worker(queue, backend.url, broker_url=redis_server.url)
+    before = worker_counts(redis_server)["dropped"]
+
+    # JSON carries "\ud800" as an escape; decoded, it is a str that UTF-8 cannot encode.
+    poisoned = {**platform_info(), "machine": "x86_64\ud800"}
+    events = [[LOG_RECORDS_REQUESTED, timestamp_us(), n, "TextClassification", n] for n in range(5)]
+    kwargs = message.encode(poisoned, new_message_id_prefix(), events)
+    redis_server.client().lpush(queue, envelope(task_body(**kwargs)))
+    after = publish_events(1, queue, broker_url=redis_server.url)
+
+    assert backend.wait_for(lambda b: b.accepted_messages(), timeout=30), worker.log()[-3000:]
+    assert worker.process.poll() is None, worker.log()[-3000:]
+    assert [m["messageId"] for m in backend.accepted_messages()] == [after[0]["messageId"]]
+
+    def dropped_since() -> dict:
+        counts = worker_counts(redis_server)["dropped"]
+        return {reason: n - before.get(reason, 0) for reason, n in counts.items() if n != before.get(reason, 0)}
+
+    assert wait_until(lambda: dropped_since(), timeout=10) == {"invalid: platform data outside the contract": 5}, (
+        dropped_since(), worker.log()[-3000:])
