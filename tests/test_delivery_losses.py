@@ -5,7 +5,9 @@ backend or counted dropped with its reason."""
 from __future__ import annotations
 
 import errno
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -122,3 +124,37 @@ def test_lone_surrogate_in_a_platform_value_is_counted_dropped_and_the_worker_go
 
     assert wait_until(lambda: dropped_since(), timeout=10) == {"invalid: platform data outside the contract": 5}, (
         dropped_since(), worker.log()[-3000:])
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_retry_published_during_a_rabbitmq_alarm_survives_a_worker_restart(rabbitmq_node, children, collectors,
+                                                                           stop):
+    queue = "alarm-retry"
+    events = publish_events(20, queue, broker_url=rabbitmq_node.url)
+    alarmed: list[float] = []
+    answers = scripted([503])
+
+    def respond(path, body):
+        if not alarmed:  # the alarm starts while the backend fails: the retry is published into it
+            rabbitmq_node.alarm_on()
+            alarmed.append(time.monotonic())
+        return answers(path, body)
+
+    backend = collectors(0, respond)
+    # An HTTP timeout longer than rabbitmqctl takes: the 503 comes once the alarm is on.
+    first = children.worker(queue, backend.url, broker_url=rabbitmq_node.url, backoff_base="0.4",
+                            backoff_max="2", http_timeout="30")
+    assert wait_until(lambda: alarmed, timeout=30), first.log()
+    # The worker's retry meets the alarm (and, fixed, gives up on its confirm); then it restarts.
+    time.sleep(3)
+    first.stop(stop, timeout=10)
+    rabbitmq_node.alarm_off()
+    cleared_at = time.monotonic()
+    second = children.worker(queue, backend.url, broker_url=rabbitmq_node.url)
+
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 20, timeout=60), (
+        f"{len(unique_messages(backend.accepted_messages()))} of 20 events delivered after the restart, "
+        f"statuses {[r.status for r in backend.requests]}\n{first.log()[-3000:]}\n{second.log()[-2000:]}")
+    assert set(unique_messages(backend.accepted_messages())) == {event["messageId"] for event in events}
+    print(f"alarm during a retry, worker stopped by {stop.name}: all 20 delivered "
+          f"{time.monotonic() - cleared_at:.1f}s after the alarm cleared; statuses {[r.status for r in backend.requests]}")
