@@ -129,7 +129,7 @@ def _probe_other(settings: Settings, report: BrokerReport) -> None:
             report.queue_depth = rabbitmq.queue_depth(settings, STATUS_TIMEOUT)
         except rabbitmq.QueueTypeMismatch as error:
             report.queue_error = str(error)
-    report.counts_error = f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker"
+    report.counts_error = counters.no_counts_reason(settings)
 
 
 def _without_password(text: str, url: str) -> str:
