@@ -19,6 +19,7 @@ from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import deployment_id
+from tasks.remote_status import record_last_delivery
 from tasks.segment import DeliveryOutcome, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
@@ -103,6 +104,7 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
     outcome: DeliveryOutcome = deliver_messages(
         [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
+    record_last_delivery(settings, self.request.hostname, outcome)  # for `status`
     dropped.update(outcome.dropped)
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)
@@ -116,8 +118,8 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)
     # Only what failed is retried, unchanged: same messageId, so the backend can de-duplicate.
     retry_args, retry_kwargs = batch.retry_message(outcome.retry, platform, started)
-    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s)",
-             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason)
+    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s): %s",
+             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason, outcome.retry_cause)
     counters.record(settings, delivered=len(outcome.delivered), retried=len(outcome.retry), dropped=dropped)
     raise self.retry(
         args=retry_args,
