@@ -3,7 +3,8 @@ see the same numbers.
 
 Fields: `delivered`, `retried` (events scheduled for another attempt) and
 `dropped:<reason>`. On Redis they are one hash (HINCRBY is atomic across workers); on the
-embedded on-disk broker, a small JSON file in the data folder under an exclusive `flock`.
+embedded on-disk broker, a small JSON file in the data folder, replaced whole at each write
+(a broken one, from before, is set aside and counting goes on).
 A broker that stores no values (RabbitMQ) gets the same file in each worker's data folder,
 and each worker reports its own in its answer to `rubrix-telemetry status`, which adds them
 up (`tasks/remote_status.py`). Counting is bookkeeping: it never makes a task fail.
@@ -15,14 +16,18 @@ answering again; a worker stopping tries once more and logs what it could not wr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import re
+import tempfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from rubrix_hooks.settings import Settings
@@ -92,19 +97,104 @@ def _increments(delivered: int, retried: int, dropped: Mapping[str, int]) -> dic
     return {name: n for name, n in fields.items() if n > 0}
 
 
-def _update_file(path: Path, increments: Mapping[str, int]) -> dict[str, int]:
-    """Adds `increments` to the counts in `path` (none: only reads) under an exclusive lock."""
+# A file of this module's (counts.json, a worker's last delivery) is replaced whole, never
+# rewritten in place: a crash or a full disk mid-write leaves the old file, not half a new one,
+# and readers need no lock. Writers serialise on a lock file beside it, since the file itself
+# is a new inode after each write. Mode 0644: the deployment's other processes (`status`, a
+# worker of another user on a shared volume) read it.
+FILE_MODE = 0o644
+BROKEN_SUFFIX = ".broken-"
+# A "name": integer pair that is whole (a comma or the closing brace follows it): what a
+# counts file cut short by a crash still holds for sure.
+_WHOLE_PAIR = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*(\d+)\s*(?=[,}])')
+
+
+def write_json_atomically(path: Path, document: Any, durable: bool = True) -> None:
+    """Replaces `path` with `document` as JSON: a temporary file in the same folder, fsynced
+    when `durable`, then renamed over it, so that no reader ever sees it half written."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), FILE_MODE)
+            file.write(json.dumps(document, sort_keys=True))
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Holds the exclusive lock of `path`'s writers (on `<path>.lock`, created if need be)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
-        text = file.read()
-        counts: dict[str, int] = json.loads(text) if text.strip() else {}
-        if increments:
-            for name, n in increments.items():
-                counts[name] = counts.get(name, 0) + n
-            file.seek(0)
-            file.truncate()
-            file.write(json.dumps(counts, sort_keys=True))
+    descriptor = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # released when the descriptor is closed
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _parsed_counts(text: str) -> dict[str, int] | None:
+    """The counts in `text`, or None when it is not a JSON object of non-negative integers."""
+    if not text.strip():
+        return {}
+    try:
+        counts = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values()):
+        return None
+    return counts
+
+
+def _read_counts_file(path: Path) -> dict[str, int] | None:
+    """The counts in `path` ({} when there is none yet), or None when the file is broken."""
+    try:
+        return _parsed_counts(path.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        return {}
+
+
+def _unescaped(name: str) -> str:
+    try:
+        return json.loads(f'"{name}"')
+    except ValueError:
+        return name
+
+
+def _set_aside_broken(path: Path) -> dict[str, int]:
+    """Moves a broken counts file aside (kept for a look, never read again) and answers the
+    counts it still holds whole. Called with the writers' lock held."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    aside = path.with_name(f"{path.name}{BROKEN_SUFFIX}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    kept = {_unescaped(name): int(n) for name, n in _WHOLE_PAIR.findall(text)}
+    log.warning("telemetry: %s is broken (not a JSON object of counts, as a crash mid-write leaves it): "
+                "moved to %s; counting goes on from the %d counts it still held whole: %s",
+                path, aside.name, len(kept), kept)
+    return kept
+
+
+def _update_file(path: Path, increments: Mapping[str, int]) -> dict[str, int]:
+    """Adds `increments` to the counts in `path` (none: only reads) and answers them; a broken
+    file is set aside and counting starts again from what it still held."""
+    counts = _read_counts_file(path)
+    if counts is not None and not increments:
+        return counts  # a whole file, since every write is a rename: no lock needed to read it
+    with locked(path):
+        counts = _read_counts_file(path)
+        if counts is None:
+            counts = _set_aside_broken(path)  # and written back below, repaired
+        elif not increments:
+            return counts
+        for name, n in increments.items():
+            counts[name] = counts.get(name, 0) + n
+        write_json_atomically(path, counts)
         return counts
 
 
@@ -161,10 +251,15 @@ def _schedule_retry(settings: Settings) -> None:
     _retry_delay = min(_retry_delay * 2, RETRY_MAX_SECONDS)
 
 
+def no_counts_reason(settings: Settings) -> str:
+    """What `status` says where the broker keeps no counts (RabbitMQ, SQS, ...)."""
+    return f"no counts kept on {urlsplit(settings.broker_url_or_default).scheme}:// brokers"
+
+
 def read_counts(settings: Settings, client: Any = None) -> dict[str, Any]:
     """`{"delivered": n, "retried": n, "dropped": {reason: n}}`, or raises CountsUnavailable."""
     if not keeps_counts(settings):
-        raise CountsUnavailable(f"no counts kept on a {urlsplit(settings.broker_url_or_default).scheme}:// broker")
+        raise CountsUnavailable(no_counts_reason(settings))
     try:
         if settings.uses_embedded_broker:
             raw = _update_file(counts_file(settings), {})

@@ -19,6 +19,7 @@ from rubrix_hooks.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import deployment_id
+from tasks.remote_status import record_last_delivery
 from tasks.segment import DeliveryOutcome, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
@@ -172,6 +173,7 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
     except Exception as error:  # noqa: BLE001
         return _summary(0, _unexpected(error, len(batch.events), dropped))
+    record_last_delivery(settings, self.request.hostname, outcome)  # for `status`
     dropped.update(outcome.dropped)
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)
@@ -203,7 +205,7 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise _retry_not_queued(refused, len(outcome.retry), countdown) from None
     _retry_queued()
     # Counted only now that the broker has the retry.
-    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s)",
-             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason)
+    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s): %s",
+             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason, outcome.retry_cause)
     counters.record(settings, delivered=len(outcome.delivered), retried=len(outcome.retry), dropped=dropped)
     raise retry
