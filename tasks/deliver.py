@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.exceptions import InvalidTaskError
+from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
 from telemetry_core import message
@@ -19,6 +19,7 @@ from telemetry_core.settings import Settings
 from tasks import counters
 from tasks.celery import app, settings
 from tasks.installation_id import deployment_id
+from tasks.remote_status import record_last_delivery
 from tasks.segment import DeliveryOutcome, deliver_messages, segment_message
 
 log = logging.getLogger("tasks.deliver")
@@ -26,6 +27,62 @@ log = logging.getLogger("tasks.deliver")
 
 class DeliveryFailed(Exception):
     """The backend could not take the events this time; the task is retried."""
+
+
+class RetryNotQueued(Reject):
+    """The broker did not take a retry (a full disk, a broker refusing writes): the original
+    message goes back to the queue, so its events are neither lost nor counted twice."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause, requeue=True)
+
+
+# Pauses before a message whose retry the broker refused goes back: the worker takes it
+# straight back, so without them a failing backend and a full disk make a hot loop. Doubled
+# at each refusal in a row, from the retry's own countdown, up to this many seconds: short
+# enough that the worker still answers `status` and stops promptly.
+RETRY_NOT_QUEUED_PAUSE_MAX = 10.0
+_refused_in_a_row = 0
+
+
+class _NoTracebackForRetryNotQueued(logging.Filter):
+    # Celery logs every Reject with its traceback; the cause is in our one line already.
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RetryNotQueued):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("celery.app.trace").addFilter(_NoTracebackForRetryNotQueued())
+
+
+def _cause(error: BaseException | None) -> str:
+    """A publish failure's root cause in a few words: the OS's (`No space left on device`)
+    when there is one, else the innermost error's type and text."""
+    innermost = error
+    while error is not None:
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        innermost = error
+        error = error.__cause__ or error.__context__
+    return f"{type(innermost).__name__}: {str(innermost)[:200]}" if innermost is not None else "unknown"
+
+
+def _retry_queued() -> None:
+    global _refused_in_a_row
+    _refused_in_a_row = 0
+
+
+def _retry_not_queued(refused: Reject, events: int, countdown: float) -> RetryNotQueued:
+    """Waits before the message goes back to the queue; one log line names the cause."""
+    global _refused_in_a_row
+    cause = _cause(refused.reason if isinstance(refused.reason, BaseException) else refused)
+    pause = min(RETRY_NOT_QUEUED_PAUSE_MAX, countdown * 2**min(_refused_in_a_row, 16))
+    _refused_in_a_row += 1
+    log.error("telemetry: the broker did not take the retry of %d events (%s); their message goes back "
+              "to the queue in %.1fs", events, cause, pause)
+    time.sleep(pause)
+    return RetryNotQueued(cause)
 
 
 class CheckedRequest(Request):
@@ -61,6 +118,16 @@ def retry_countdown(retries: int, retry_after: float | None, settings: Settings)
     if retry_after is not None:
         countdown = max(countdown, retry_after)
     return min(countdown, settings.backoff_max)
+
+
+def _unexpected(error: Exception, events: int, dropped: collections.Counter[str]) -> collections.Counter[str]:
+    """Counts events that an unexpected error (a bug, an input the contract missed) kept from
+    being sent. Raised out of the task instead, they would vanish uncounted: with acks_late a
+    failed task is acknowledged. Only the error's type is named: its text may carry the events."""
+    reason = f"unexpected error ({type(error).__name__})"
+    dropped[reason] += events
+    log.error("telemetry: dropped %d events: %s while building or sending them", events, reason)
+    return dropped
 
 
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
@@ -100,9 +167,13 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     platform = batch.platform or platform_info()
     now = time.time()
     started = batch.first_attempt_at if batch.first_attempt_at is not None and batch.first_attempt_at <= now else now
-    anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
-    outcome: DeliveryOutcome = deliver_messages(
-        [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
+    try:
+        anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
+        outcome: DeliveryOutcome = deliver_messages(
+            [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
+    except Exception as error:  # noqa: BLE001
+        return _summary(0, _unexpected(error, len(batch.events), dropped))
+    record_last_delivery(settings, self.request.hostname, outcome)  # for `status`
     dropped.update(outcome.dropped)
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)
@@ -115,14 +186,26 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)
     # Only what failed is retried, unchanged: same messageId, so the backend can de-duplicate.
-    retry_args, retry_kwargs = batch.retry_message(outcome.retry, platform, started)
-    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s)",
-             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason)
+    try:
+        retry_args, retry_kwargs = batch.retry_message(outcome.retry, platform, started)
+    except Exception as error:  # noqa: BLE001
+        return _summary(len(outcome.delivered), _unexpected(error, len(outcome.retry), dropped))
+    try:
+        retry = self.retry(
+            args=retry_args,
+            kwargs=retry_kwargs,
+            kwargsrepr=message.describe(retry_kwargs) if retry_kwargs.get("format") == message.FORMAT else None,
+            countdown=countdown,
+            exc=DeliveryFailed(f"{outcome.retry_reason}; {len(outcome.retry)} events retry in {countdown:.1f}s"),
+            throw=False,
+        )
+    except Reject as refused:
+        # Celery would reject the original without requeue: deleted, its events uncounted.
+        # It goes back instead, counted by the attempt that finally settles it.
+        raise _retry_not_queued(refused, len(outcome.retry), countdown) from None
+    _retry_queued()
+    # Counted only now that the broker has the retry.
+    log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s): %s",
+             len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason, outcome.retry_cause)
     counters.record(settings, delivered=len(outcome.delivered), retried=len(outcome.retry), dropped=dropped)
-    raise self.retry(
-        args=retry_args,
-        kwargs=retry_kwargs,
-        kwargsrepr=message.describe(retry_kwargs) if retry_kwargs.get("format") == message.FORMAT else None,
-        countdown=countdown,
-        exc=DeliveryFailed(f"{outcome.retry_reason}; {len(outcome.retry)} events retry in {countdown:.1f}s"),
-    )
+    raise retry

@@ -10,16 +10,32 @@ The command is registered when `tasks.celery` is imported, which a worker always
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import time
+from pathlib import Path
 from typing import Any
 
 import celery
 import kombu
 from celery.worker.control import inspect_command
 
+from telemetry_core.json_files import locked, write_json_atomically
 from telemetry_core.settings import Settings, masked_url
 from tasks import counters
+from tasks.segment import DeliveryOutcome, batch_url
+
+log = logging.getLogger("tasks.remote_status")
 
 STATUS_COMMAND = "rubrix_telemetry_status"
+
+# What a worker's last delivery attempt came to, in `last_delivery["outcome"]`.
+DELIVERED = "delivered"
+FAILED = "failed"  # no answer, or a 429/5xx: the events are retried (or given up after MAX_RETRY_DURATION)
+REFUSED = "refused"  # another 4xx: the backend refused the events, and they were dropped
+# A worker delivering many tasks a second rewrites an unchanged outcome at most this often.
+UNCHANGED_REWRITE_SECONDS = 1.0
 
 
 def delivery_problem(settings: Settings) -> str | None:
@@ -31,6 +47,58 @@ def delivery_problem(settings: Settings) -> str | None:
     if settings.enabled and settings.is_segment and not settings.write_key:
         return f"RUBRIX_TELEMETRY_KEY is not set: events are dropped, not sent to {settings.endpoint}"
     return None
+
+
+def last_delivery_file(settings: Settings, hostname: str) -> Path:
+    """The worker's last delivery outcome, one file per worker (node name) in its data folder:
+    deliveries run in the pool's processes, the answer to `status` comes from the main one."""
+    return settings.data_dir / f"last-delivery.{re.sub(r'[^A-Za-z0-9@._-]', '_', hostname)}.json"
+
+
+def record_last_delivery(settings: Settings, hostname: str, outcome: DeliveryOutcome) -> None:
+    """Keeps what this delivery attempt came to, for `status`. Never fails a delivery."""
+    if outcome.retry:
+        kind, cause = FAILED, outcome.retry_cause
+    elif outcome.refusal:
+        kind, cause = REFUSED, outcome.refusal
+    elif outcome.delivered:
+        kind, cause = DELIVERED, None
+    else:
+        return  # no request was made (every message was over 32 KB)
+    document = {"at": time.time(), "outcome": kind, "cause": cause, "endpoint": batch_url(settings)}
+    path = last_delivery_file(settings, hostname)
+    try:
+        with locked(path):  # the pool's processes write the same file
+            current = _read_last_delivery(path)
+            if current is not None:
+                if current["at"] > document["at"]:
+                    return  # another pool process finished a later delivery first
+                if (all(current.get(key) == document[key] for key in ("outcome", "cause", "endpoint"))
+                        and document["at"] - current["at"] < UNCHANGED_REWRITE_SECONDS):
+                    return
+            # Not fsynced: after a crash an older outcome (or none) is all that is lost.
+            write_json_atomically(path, document, durable=False)
+    except Exception as error:  # noqa: BLE001 (bookkeeping must never fail a delivery)
+        log.debug("telemetry: could not write %s: %r", path, error)
+
+
+def _read_last_delivery(path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("at"), (int, float)):
+        return None
+    return document
+
+
+def last_delivery(settings: Settings, hostname: str) -> dict[str, Any] | None:
+    """`{"at": epoch seconds, "outcome", "cause", "endpoint"}` of this worker's last delivery
+    attempt; None before the first, or when it went to another endpoint (a previous run's)."""
+    document = _read_last_delivery(last_delivery_file(settings, hostname))
+    if document is None or document.get("endpoint") != batch_url(settings):
+        return None
+    return {key: document.get(key) for key in ("at", "outcome", "cause", "endpoint")}
 
 
 def _concurrency(consumer: Any) -> int | None:
@@ -56,6 +124,7 @@ def worker_report(settings: Settings, consumer: Any, hostname: str) -> dict[str,
         # This worker's own counts where the broker keeps none (RabbitMQ); else the shared
         # counts are in the broker, and this is empty.
         "deliveries": counters.worker_own_counts(settings) or {},
+        "last_delivery": last_delivery(settings, hostname),
     }
 
 

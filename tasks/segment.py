@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from telemetry_core.settings import Settings
+from telemetry_core.settings import Settings, masked_url
 
 log = logging.getLogger("tasks.segment")
 
@@ -45,6 +45,10 @@ class DeliveryOutcome:
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     # Why the retried messages failed ("HTTP 503", "ConnectTimeout", ...), for logs and Flower.
     retry_reason: str | None = None
+    # The same for an operator: the URL and the cause ("cannot connect to URL: Connection refused").
+    retry_cause: str | None = None
+    # The backend's last refusal (a 4xx: its events dropped), named as retry_cause is.
+    refusal: str | None = None
     # The backend's Retry-After, in seconds, when it sent one.
     retry_after: float | None = None
 
@@ -124,6 +128,47 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def batch_url(settings: Settings) -> str:
+    """Where the batches go, as logs and `status` show it (never a password in it)."""
+    return masked_url(settings.endpoint + BATCH_PATH)
+
+
+def _innermost_os_error(error: BaseException) -> OSError | None:
+    # requests wraps urllib3's errors, which wrap the socket's: the errno text is what says
+    # what happened ("Connection refused", "Name or service not known").
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current
+        linked = (getattr(current, "reason", None), current.__cause__, current.__context__, *current.args)
+        pending.extend(item for item in linked if isinstance(item, BaseException))
+    return None
+
+
+def failure_cause(error: requests.RequestException, url: str, timeout: tuple[float, float]) -> str:
+    """One line naming the URL and why no answer came from it."""
+    if isinstance(error, requests.ConnectTimeout):
+        return f"cannot connect to {url}: no connection within {timeout[0]:g}s"
+    if isinstance(error, requests.ReadTimeout):
+        return f"no answer from {url} within {timeout[1]:g}s (RUBRIX_TELEMETRY_HTTP_TIMEOUT)"
+    os_error = _innermost_os_error(error)
+    if isinstance(error, requests.ConnectionError) and os_error is not None:
+        return f"cannot connect to {url}: {os_error.strerror}"
+    return f"{type(error).__name__} from {url}" + (f": {os_error.strerror}" if os_error is not None else "")
+
+
+def refusal_cause(status: int, url: str, settings: Settings) -> str:
+    cause = f"HTTP {status} from {url}"
+    if status == 404 and settings.endpoint.rstrip("/").endswith(BATCH_PATH):
+        cause += (f"; RUBRIX_TELEMETRY_ENDPOINT ends in {BATCH_PATH}, which the worker adds itself: "
+                  f"set it to the base URL ({settings.endpoint.rstrip('/')[:-len(BATCH_PATH)] or '/'})")
+    return cause
+
+
 def deliver_messages(messages: list[Message], settings: Settings) -> DeliveryOutcome:
     outcome = DeliveryOutcome()
     batches, too_large = pack_batches(messages)
@@ -147,6 +192,7 @@ def deliver_messages(messages: list[Message], settings: Settings) -> DeliveryOut
         except requests.RequestException as error:
             outcome.retry.extend(batch_messages)
             outcome.retry_reason = type(error).__name__
+            outcome.retry_cause = failure_cause(error, batch_url(settings), timeout)
             continue
         status = response.status_code
         if 200 <= status < 300:
@@ -154,10 +200,12 @@ def deliver_messages(messages: list[Message], settings: Settings) -> DeliveryOut
         elif status == 429 or status >= 500:
             outcome.retry.extend(batch_messages)
             outcome.retry_reason = f"HTTP {status}"
+            outcome.retry_cause = f"HTTP {status} from {batch_url(settings)}"
             if status == 429:
                 outcome.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         else:
             outcome.dropped[f"HTTP {status}"] += len(batch_messages)
-            log.error("telemetry: the backend refused %d events with HTTP %d: %s",
-                      len(batch_messages), status, response.text[:200])
+            outcome.refusal = refusal_cause(status, batch_url(settings), settings)
+            log.error("telemetry: the backend refused %d events (dropped): %s: %s",
+                      len(batch_messages), outcome.refusal, response.text[:200])
     return outcome

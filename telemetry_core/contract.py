@@ -290,21 +290,36 @@ def checked_sequence(value: object) -> int:
     return value
 
 
+def encodes_as_utf8(text: str) -> bool:
+    """False for a str holding a lone surrogate ("\\ud800", which JSON can carry as an escape):
+    it would pass every other check, then fail the worker's encoding of the whole batch."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def platform_value(value: object) -> str:
-    """A platform string as it may be sent: printable text, at most MAX_PLATFORM_VALUE_LENGTH."""
-    text = _CONTROL_CHARACTERS.sub("", str(value)).strip()
+    """A platform string as it may be sent: printable UTF-8 text, at most MAX_PLATFORM_VALUE_LENGTH."""
+    text = str(value)
+    if not encodes_as_utf8(text):  # undecodable bytes from the OS: as `header_value` does
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    text = _CONTROL_CHARACTERS.sub("", text).strip()
     return text[:MAX_PLATFORM_VALUE_LENGTH] or "unknown"
 
 
 def checked_platform(raw: object) -> dict[str, str]:
-    """The server's platform data, exactly PLATFORM_KEYS, each a short printable string."""
+    """The server's platform data, exactly PLATFORM_KEYS, each a short printable UTF-8 string."""
     if not isinstance(raw, Mapping) or set(raw) != set(PLATFORM_KEYS):
         raise InvalidEvent("platform data outside the contract")
     checked = {}
     for key in PLATFORM_KEYS:
         value = raw[key]
         if type(value) is not str or not value or len(value) > MAX_PLATFORM_VALUE_LENGTH \
-                or _CONTROL_CHARACTERS.search(value):
+                or _CONTROL_CHARACTERS.search(value) or not encodes_as_utf8(value):
             raise InvalidEvent("platform data outside the contract")
         checked[key] = value
     return checked

@@ -8,16 +8,26 @@ The workers write them (`tasks/counters.py`); `status` reads them.
 
 from __future__ import annotations
 
-import fcntl
 import json
+import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
+
+from telemetry_core.json_files import locked, write_json_atomically
+
+log = logging.getLogger("telemetry_core.counts")
 
 FILE_NAME = "counts.json"
 DELIVERED = "delivered"
 RETRIED = "retried"
 DROPPED_PREFIX = "dropped:"
+BROKEN_SUFFIX = ".broken-"
+# A "name": integer pair that is whole (a comma or the closing brace follows it): what a
+# counts file cut short by a crash still holds for sure.
+_WHOLE_PAIR = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*(\d+)\s*(?=[,}])')
 
 
 class CountsUnavailable(Exception):
@@ -30,8 +40,51 @@ def increments(delivered: int, retried: int, dropped: Mapping[str, int]) -> dict
     return {name: n for name, n in fields.items() if n > 0}
 
 
+def _parsed_counts(text: str) -> dict[str, int] | None:
+    """The counts in `text`, or None when it is not a JSON object of non-negative integers."""
+    if not text.strip():
+        return {}
+    try:
+        counts = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values()):
+        return None
+    return counts
+
+
+def _read_counts_file(path: Path) -> dict[str, int] | None:
+    """The counts in `path` ({} when there is none yet), or None when the file is broken."""
+    try:
+        return _parsed_counts(path.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        return {}
+
+
+def _unescaped(name: str) -> str:
+    try:
+        return json.loads(f'"{name}"')
+    except ValueError:
+        return name
+
+
+def _set_aside_broken(path: Path) -> dict[str, int]:
+    """Moves a broken counts file aside (kept for a look, never read again) and answers the
+    counts it still holds whole. Called with the writers' lock held."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    aside = path.with_name(f"{path.name}{BROKEN_SUFFIX}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    kept = {_unescaped(name): int(n) for name, n in _WHOLE_PAIR.findall(text)}
+    log.warning("telemetry: %s is broken (not a JSON object of counts, as a crash mid-write leaves it): "
+                "moved to %s; counting goes on from the %d counts it still held whole: %s",
+                path, aside.name, len(kept), kept)
+    return kept
+
+
 class FileCounts:
-    """The counts in a JSON file, updated under an exclusive `flock` (several processes share it)."""
+    """The counts in a JSON file shared by several processes, replaced whole at each write
+    (`json_files`); a broken one (from a crash before this release) is set aside, and counting
+    starts again from what it still held."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / FILE_NAME
@@ -43,19 +96,20 @@ class FileCounts:
         return self._update({})
 
     def _update(self, increments: Mapping[str, int]) -> dict[str, int]:
-        """Adds `increments` to the counts in the file (none: only reads) under an exclusive lock."""
+        """Adds `increments` to the counts (none: only reads) and answers them."""
         path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8") as file:
-            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
-            text = file.read()
-            counts: dict[str, int] = json.loads(text) if text.strip() else {}
-            if increments:
-                for name, n in increments.items():
-                    counts[name] = counts.get(name, 0) + n
-                file.seek(0)
-                file.truncate()
-                file.write(json.dumps(counts, sort_keys=True))
+        counts = _read_counts_file(path)
+        if counts is not None and not increments:
+            return counts  # a whole file, since every write is a rename: no lock needed to read it
+        with locked(path):
+            counts = _read_counts_file(path)
+            if counts is None:
+                counts = _set_aside_broken(path)  # and written back below, repaired
+            elif not increments:
+                return counts
+            for name, n in increments.items():
+                counts[name] = counts.get(name, 0) + n
+            write_json_atomically(path, counts)
             return counts
 
 

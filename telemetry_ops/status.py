@@ -167,7 +167,26 @@ def collect_status(settings: Settings) -> Status:
                 f"(celery -A tasks worker -Q {settings.queue} -E -l INFO) with the same RUBRIX_TELEMETRY_BROKER_URL")
         status.problems.extend(f"worker {worker['name']} cannot deliver: {worker['problem']}"
                                for worker in status.consuming if worker.get("problem"))
+        status.problems.extend(filter(None, (_failed_delivery(worker) for worker in status.consuming
+                                             if not worker.get("problem"))))
     return status
+
+
+def _ago(at: Any) -> str:
+    return f"{max(0.0, time.time() - float(at)):.0f}s ago" if isinstance(at, (int, float)) else "at an unknown time"
+
+
+def _failed_delivery(worker: dict[str, Any]) -> str | None:
+    """The problem line for a worker whose last delivery attempt failed or was refused: the
+    cause names the endpoint. None once a delivery succeeds (or before the first)."""
+    from tasks.remote_status import FAILED, REFUSED  # as ask_workers: only once workers answered
+
+    last = worker.get("last_delivery") or {}
+    if not worker.get("telemetry", {}).get("enabled") or last.get("outcome") not in (FAILED, REFUSED):
+        return None
+    what = ("the last delivery failed ({}), its events wait for a retry" if last["outcome"] == FAILED
+            else "the backend refused the last delivery ({}), its events were dropped")
+    return f"worker {worker['name']}: {what.format(_ago(last.get('at')))}: {last.get('cause')}"
 
 
 def _as_json(status: Status) -> str:
@@ -192,6 +211,10 @@ def _worker_line(worker: dict[str, Any], queue: str) -> str:
             f"endpoint {worker.get('endpoint')} (write key {'set' if worker.get('write_key_set') else 'not set'}), "
             f"concurrency {worker.get('concurrency')}, "
             f"Celery {worker.get('celery_version')}, kombu {worker.get('kombu_version')}")
+    last = worker.get("last_delivery")
+    if last:
+        line += f", last delivery {_ago(last.get('at'))}: {last.get('outcome')}"
+        line += f" ({last['cause']})" if last.get("cause") else ""
     return line + (f"; CANNOT DELIVER: {worker['problem']}" if worker.get("problem") else "")
 
 

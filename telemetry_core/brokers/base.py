@@ -135,7 +135,7 @@ class Broker:
         return None if state.depth is None else state.depth + (state.held or 0)
 
     def no_counts_reason(self) -> str:
-        return f"no counts kept on an {self.scheme}:// broker"
+        return f"no counts kept on {self.scheme}:// brokers"
 
     # -- where the counts and the deployment id live ---------------------------------------
     def counts_store(self, timeout: float) -> CountsStore | None:
