@@ -91,7 +91,9 @@ class _Owner:
         while True:
             name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
             lock_path = unacked_root / f"{name}.lock"
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            # 0o666, the umask decides: another user of the deployment must open it read-write to
+            # test the claim once this process is gone (restore_orphans).
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             # Blocks only while a sweeper that opened the new file is testing it. Such a sweeper
             # found it unlocked and removed it: then the lock we hold is on a deleted file.
             fcntl.lockf(fd, fcntl.LOCK_EX)
@@ -137,21 +139,48 @@ def _owner_for(unacked_root: Path) -> _Owner:
         return owner
 
 
+# The entries of the broker folder a sweep could not open or move, each warned about once
+# (a sweep runs every 5 s); the warning says how the deployment's modes should be.
+_warned_entries: set[Path] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(path: Path, doing: str, error: OSError) -> None:
+    with _warned_lock:
+        if path in _warned_entries:
+            return
+        _warned_entries.add(path)
+    log.warning("embedded queue: cannot %s %s (%s): skipped; every process of the deployment must be able to "
+                "read and write the broker folder's files (README, Workers)", doing, path,
+                error.strerror or error)
+
+
 def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = None) -> int:
-    """Moves back into the queue every taken message whose owner process has ended; returns how many."""
+    """Moves back into the queue every taken message whose owner process has ended; returns how many.
+
+    An entry it cannot open or move (another user's, a bad mode) is skipped with one warning,
+    never raised: a raise here would stop the worker that sweeps, and every worker after it.
+    """
     restored = 0
     try:
         entries = os.listdir(unacked_root)
     except FileNotFoundError:
+        return 0
+    except OSError as error:
+        _warn_once(unacked_root, "list", error)
         return 0
     for entry in entries:
         name, dot, suffix = entry.rpartition(".")
         if not dot or suffix != "lock" or name == skip:
             continue
         try:
+            # Read-write: a POSIX write lock (the owner's claim) can only be tested through such a descriptor.
             fd = os.open(unacked_root / entry, os.O_RDWR)
         except FileNotFoundError:
             continue  # another sweeper has just finished with it
+        except OSError as error:
+            _warn_once(unacked_root / entry, "open", error)
+            continue
         try:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -162,19 +191,32 @@ def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = N
                 taken = os.listdir(folder)
             except FileNotFoundError:
                 taken = []
+            except OSError as error:
+                _warn_once(folder, "list", error)
+                continue
+            stuck = False
             for message in taken:
                 try:
                     os.rename(folder / message, queue_folder / message)
                     restored += 1
                 except FileNotFoundError:
                     pass
+                except OSError as error:
+                    _warn_once(folder, "move messages out of", error)
+                    stuck = True
+                    break
+            if stuck:
+                continue  # keep the lock file: the folder's messages are still there
             try:
                 folder.rmdir()
             except FileNotFoundError:
                 pass
             except OSError:
                 continue  # something we did not put there: keep the lock file, try again later
-            (unacked_root / entry).unlink(missing_ok=True)
+            try:
+                (unacked_root / entry).unlink(missing_ok=True)
+            except OSError as error:
+                _warn_once(unacked_root / entry, "remove", error)
         finally:
             os.close(fd)
     if restored:
@@ -197,6 +239,8 @@ def remove_abandoned_partials(queue_folder: Path) -> int:
                 removed += 1
         except FileNotFoundError:
             continue  # renamed into place, or removed by another sweeper
+        except OSError as error:
+            _warn_once(queue_folder / name, "remove", error)
     if removed:
         log.warning("embedded queue: removed %d message file(s) a publisher left half written", removed)
     return removed
@@ -228,6 +272,9 @@ def expire_broadcasts(channel: filesystem.Channel, control_ttl: float, event_ttl
             (queue_folder / name).unlink()
         except FileNotFoundError:
             continue  # taken, or deleted by another sweeper
+        except OSError as error:
+            _warn_once(queue_folder / name, "remove", error)
+            continue
         stale.add(queue)
     if not stale:
         return stale
@@ -273,6 +320,13 @@ class Channel(filesystem.Channel):
             try:
                 payload = loads(bytes_to_str(taken.read_bytes()))
                 tag = payload["properties"]["delivery_tag"]
+            except PermissionError as error:
+                # Another user's file, its mode too narrow for us (a publisher's umask): left in the
+                # queue for a process that can read it, or for us once the mode is fixed.
+                _warn_once(Path(queue_folder, name), "read", error)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(taken, os.path.join(queue_folder, name))
+                continue
             except (ValueError, TypeError, KeyError):
                 # Since `_put` renames a message in only once it is whole, this is a file written
                 # in place (still being written, if recent) or not a message at all.

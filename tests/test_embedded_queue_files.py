@@ -7,16 +7,23 @@ Figures in docs/reliability.md, "Lost or silently dropped events on the embedded
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import stat
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kombu import Connection
 
+from rubrix_hooks.embedded_queue import ORPHAN_SWEEP_INTERVAL
 from rubrix_hooks.settings import broker_transport_options, load_settings
-from tests.support import REPO_ROOT, child_environment, wait_until
+from tests.support import (REPO_ROOT, WorkerProcess, assert_each_delivered_once_after_dedup, child_environment,
+                           publish_events, wait_until)
 
 QUEUE = "telemetry"
 
@@ -86,3 +93,56 @@ def test_a_consumer_polling_while_messages_are_published_takes_every_message_who
 
 def _queue_files(data_dir: Path) -> list[str]:
     return sorted(path.name for path in (data_dir / "broker" / "queue").iterdir())
+
+
+# The worker runs as root (the tests do) without the capabilities that let root open and move
+# any file: so, like any other user of the deployment, it is refused another user's 0600 file.
+# Under umask 002, the mode of a deployment whose processes share a group.
+NOT_ROOTS_FILES = ["sh", "-c", 'umask 002 && exec "$@"', "sh",
+                   "setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner",
+                   "--inh-caps", "-dac_override,-dac_read_search,-fowner"]
+NOBODY = 65534
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv")
+def test_a_lock_file_the_worker_cannot_open_is_skipped_with_one_warning_and_the_worker_delivers(tmp_path, collectors):
+    data = tmp_path / "data"
+    unacked = data / "broker" / "unacked"
+    unacked.mkdir(parents=True)
+    # Left by another user of the deployment (`status` run as root, a worker in another container):
+    # a claim whose lock this worker may not open, and one whose folder it may not move messages out of.
+    unopenable = unacked / "1-0600lock.lock"
+    os.close(os.open(unopenable, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chown(unopenable, NOBODY, NOBODY)
+    foreign_lock, foreign_folder = unacked / "2-0755fold.lock", unacked / "2-0755fold"
+    os.close(os.open(foreign_lock, os.O_RDWR | os.O_CREAT))
+    os.chmod(foreign_lock, 0o666)  # openable: its owner shares it, but not the folder's messages
+    foreign_folder.mkdir(mode=0o755)
+    (foreign_folder / "1_x.telemetry.msg").write_text("{}")
+    for path in (foreign_lock, foreign_folder, foreign_folder / "1_x.telemetry.msg"):
+        os.chown(path, NOBODY, NOBODY)
+
+    backend = collectors()
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=None, RUBRIX_TELEMETRY_DATA_DIR=str(data),
+                            RUBRIX_TELEMETRY_ENDPOINT=backend.url)
+    worker = WorkerProcess(env, tmp_path / "worker.log", command_prefix=NOT_ROOTS_FILES)
+    try:
+        worker.wait_ready()
+        events = publish_events(5, QUEUE, embedded_data_dir=data)
+        assert backend.wait_for(lambda b: len(b.accepted_messages()) >= 5, timeout=30), (
+            f"nothing delivered, worker exit code {worker.process.poll()}: {worker.log()[-300:]}")
+        assert_each_delivered_once_after_dedup(events, backend)
+        # Two more sweeps (one every 5 s): still up, and still one warning per entry.
+        time.sleep(2 * ORPHAN_SWEEP_INTERVAL + 1)
+        assert worker.process.poll() is None, worker.log()
+        log = worker.log()
+        assert "Unrecoverable error" not in log
+        assert log.count(f"cannot open {unopenable} (Permission denied)") == 1, log
+        assert log.count(f"cannot move messages out of {foreign_folder} (Permission denied)") == 1, log
+        # The worker's own claim is made for sharing: its mode is the umask's, not 0600.
+        own_lock, = [path for path in unacked.glob("*.lock") if path not in (unopenable, foreign_lock)]
+        assert stat.S_IMODE(own_lock.stat().st_mode) == 0o664
+        assert stat.S_IMODE(own_lock.with_suffix("").stat().st_mode) == 0o775
+    finally:
+        worker.stop()
