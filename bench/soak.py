@@ -1,6 +1,6 @@
 """The scale-out soak (issue 10): 2 servers, 3 workers, a worker SIGKILLed midway; nothing lost.
 
-    python -m bench.soak --broker redis|rabbitmq [--rate 10000] [--seconds 60] [--out FILE] [--logs DIR]
+    python -m bench.soak --broker redis|rabbitmq|embedded [--rate 10000] [--seconds 60] [--out FILE] [--logs DIR]
 
 Two server processes (bench/soak_server.py) fire `track_bulk` through the real hooks and
 publisher, each at rate/2 events per second, every event told apart by its `records`
@@ -15,7 +15,9 @@ backend removes only if it carries the same messageId), and the delay from hook 
 Brokers: a private redis-server (append-only, fsync always), whose visibility timeout
 (20 s here) brings the killed worker's message back within the soak; or the machine's
 RabbitMQ at 127.0.0.1:5672 in a vhost of the soak's own, deleted at the end whatever
-happens, which redelivers as soon as the killed worker's connection drops.
+happens, which redelivers as soon as the killed worker's connection drops; or the embedded
+queue (the default broker) in the soak's own data folder, shared by servers and workers,
+where a running worker puts the killed worker's message back within its 5 s sweep.
 
 The machine's cores are shared: the report gives the rate the servers really sustained
 (events fired / seconds it took them), not the one asked for.
@@ -230,7 +232,16 @@ def rabbitmq_broker(_folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield url, {"broker": "rabbitmq", "version": version, "pid": None}
 
 
-BROKERS = {"redis": redis_broker, "rabbitmq": rabbitmq_broker}
+@contextlib.contextmanager
+def embedded_broker(folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The embedded queue (the default broker) in the soak's data folder, which `run_soak`
+    gives servers and workers alike: nothing to start."""
+    import kombu
+
+    yield "embedded://", {"broker": "embedded", "version": f"queue (kombu {kombu.__version__})", "pid": None}
+
+
+BROKERS = {"redis": redis_broker, "rabbitmq": rabbitmq_broker, "embedded": embedded_broker}
 
 
 # -- the soak --------------------------------------------------------------------------------

@@ -197,14 +197,15 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
 
 
 class WorkerProcess:
-    """`celery -A tasks worker` as an operator runs it, in a child process."""
+    """`celery -A tasks worker` as an operator runs it, in a child process; `command_prefix`
+    runs it through a wrapper (`setpriv ...`, `sh -c 'umask 002 && exec "$@"' sh`)."""
 
     def __init__(self, env: dict[str, str], log_file: Path, queue: str = "telemetry",
-                 extra_args: Iterable[str] = ()) -> None:
+                 extra_args: Iterable[str] = (), command_prefix: Iterable[str] = ()) -> None:
         self.log_file = log_file
         self._log = log_file.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "--pool", "solo",
+            [*command_prefix, sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "--pool", "solo",
              "--without-mingle", "--without-gossip", "-l", "INFO", "-n", f"test-{os.getpid()}-{id(self)}@%h",
              *extra_args],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -38,6 +38,7 @@ the deployment id live in the same data folder, which server and workers share a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import logging
 import os
@@ -49,9 +50,10 @@ from pathlib import Path
 from queue import Empty
 from typing import Any, Iterator
 
+from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 
 from telemetry_core.brokers.base import Broker, QueueState
 from telemetry_core.counts import FileCounts
@@ -69,6 +71,14 @@ EVENT_MESSAGE_TTL = 5.0  # `celeryev.<uuid>`
 # How long an idle consumer waits between two looks at the queue folder: a listdir, ten
 # times a second. kombu's default of 1 s would add up to a second to every delivery.
 POLLING_INTERVAL = 0.1
+# A message is written under `.<its name>.partial` and renamed to its name once whole. A
+# partial file older than this was left by a publisher that died mid-write: the sweep deletes it.
+PARTIAL_SUFFIX = ".partial"
+ABANDONED_PARTIAL_AGE = 300.0
+# A file under a message's name that does not parse, modified less than this long ago, may still
+# be being written in place (by kombu's own `_put`, as a server of an earlier release does during
+# an upgrade): it goes back into the queue and is read again at a later poll.
+UNREADABLE_GRACE = 30.0
 
 
 def register() -> None:
@@ -84,7 +94,9 @@ class _Owner:
         while True:
             name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
             lock_path = unacked_root / f"{name}.lock"
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            # 0o666, the umask decides: another user of the deployment must open it read-write to
+            # test the claim once this process is gone (restore_orphans).
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             # Blocks only while a sweeper that opened the new file is testing it. Such a sweeper
             # found it unlocked and removed it: then the lock we hold is on a deleted file.
             fcntl.lockf(fd, fcntl.LOCK_EX)
@@ -130,21 +142,48 @@ def _owner_for(unacked_root: Path) -> _Owner:
         return owner
 
 
+# The entries of the broker folder a sweep could not open or move, each warned about once
+# (a sweep runs every 5 s); the warning says how the deployment's modes should be.
+_warned_entries: set[Path] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(path: Path, doing: str, error: OSError) -> None:
+    with _warned_lock:
+        if path in _warned_entries:
+            return
+        _warned_entries.add(path)
+    log.warning("embedded queue: cannot %s %s (%s): skipped; every process of the deployment must be able to "
+                "read and write the broker folder's files (README, Workers)", doing, path,
+                error.strerror or error)
+
+
 def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = None) -> int:
-    """Moves back into the queue every taken message whose owner process has ended; returns how many."""
+    """Moves back into the queue every taken message whose owner process has ended; returns how many.
+
+    An entry it cannot open or move (another user's, a bad mode) is skipped with one warning,
+    never raised: a raise here would stop the worker that sweeps, and every worker after it.
+    """
     restored = 0
     try:
         entries = os.listdir(unacked_root)
     except FileNotFoundError:
+        return 0
+    except OSError as error:
+        _warn_once(unacked_root, "list", error)
         return 0
     for entry in entries:
         name, dot, suffix = entry.rpartition(".")
         if not dot or suffix != "lock" or name == skip:
             continue
         try:
+            # Read-write: a POSIX write lock (the owner's claim) can only be tested through such a descriptor.
             fd = os.open(unacked_root / entry, os.O_RDWR)
         except FileNotFoundError:
             continue  # another sweeper has just finished with it
+        except OSError as error:
+            _warn_once(unacked_root / entry, "open", error)
+            continue
         try:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,25 +194,59 @@ def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = N
                 taken = os.listdir(folder)
             except FileNotFoundError:
                 taken = []
+            except OSError as error:
+                _warn_once(folder, "list", error)
+                continue
+            stuck = False
             for message in taken:
                 try:
                     os.rename(folder / message, queue_folder / message)
                     restored += 1
                 except FileNotFoundError:
                     pass
+                except OSError as error:
+                    _warn_once(folder, "move messages out of", error)
+                    stuck = True
+                    break
+            if stuck:
+                continue  # keep the lock file: the folder's messages are still there
             try:
                 folder.rmdir()
             except FileNotFoundError:
                 pass
             except OSError:
                 continue  # something we did not put there: keep the lock file, try again later
-            (unacked_root / entry).unlink(missing_ok=True)
+            try:
+                (unacked_root / entry).unlink(missing_ok=True)
+            except OSError as error:
+                _warn_once(unacked_root / entry, "remove", error)
         finally:
             os.close(fd)
     if restored:
         log.warning("embedded queue: %d message(s) taken by a process that has ended are back in the queue",
                     restored)
     return restored
+
+
+def remove_abandoned_partials(queue_folder: Path) -> int:
+    """Deletes the partial files of publishers that died mid-write (never renamed into place,
+    so never a message anyone took or counted); returns how many."""
+    now = time.time()
+    removed = 0
+    for name in os.listdir(queue_folder):
+        if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+            continue
+        try:
+            if now - (queue_folder / name).stat().st_mtime >= ABANDONED_PARTIAL_AGE:
+                (queue_folder / name).unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # renamed into place, or removed by another sweeper
+        except OSError as error:
+            _warn_once(queue_folder / name, "remove", error)
+    if removed:
+        log.warning("embedded queue: removed %d message file(s) a publisher left half written", removed)
+    return removed
 
 
 def broadcast_ttl(queue: str, control_ttl: float, event_ttl: float) -> float | None:
@@ -202,6 +275,9 @@ def expire_broadcasts(channel: filesystem.Channel, control_ttl: float, event_ttl
             (queue_folder / name).unlink()
         except FileNotFoundError:
             continue  # taken, or deleted by another sweeper
+        except OSError as error:
+            _warn_once(queue_folder / name, "remove", error)
+            continue
         stale.add(queue)
     if not stale:
         return stale
@@ -247,10 +323,17 @@ class Channel(filesystem.Channel):
             try:
                 payload = loads(bytes_to_str(taken.read_bytes()))
                 tag = payload["properties"]["delivery_tag"]
+            except PermissionError as error:
+                # Another user's file, its mode too narrow for us (a publisher's umask): left in the
+                # queue for a process that can read it, or for us once the mode is fixed.
+                _warn_once(Path(queue_folder, name), "read", error)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(taken, os.path.join(queue_folder, name))
+                continue
             except (ValueError, TypeError, KeyError):
-                # Not a message kombu wrote: drop it, or every restart would take it again.
-                log.warning("embedded queue: dropped %s, not a readable message", name)
-                taken.unlink()
+                # Since `_put` renames a message in only once it is whole, this is a file written
+                # in place (still being written, if recent) or not a message at all.
+                self._set_aside_unreadable(taken, queue_folder)
                 continue
             if queue in self._no_ack_queues:
                 taken.unlink()
@@ -259,9 +342,55 @@ class Channel(filesystem.Channel):
             return payload
         raise Empty()
 
+    def _set_aside_unreadable(self, taken: Path, queue_folder: str) -> None:
+        """A file that does not parse: back into the queue while it may still be being written,
+        then into `unreadable/` beside the queue, kept for the operator and never taken again."""
+        try:
+            if time.time() - taken.stat().st_mtime < UNREADABLE_GRACE:
+                os.rename(taken, os.path.join(queue_folder, taken.name))
+                return
+            self.unreadable_folder.mkdir(exist_ok=True)
+            os.rename(taken, self.unreadable_folder / taken.name)
+        except FileNotFoundError:
+            return
+        log.warning("embedded queue: %s is not a readable message: moved to %s", taken.name, self.unreadable_folder)
+
+    # -- publishing ------------------------------------------------------------------------
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        """kombu's `_put`, but the message appears under its name only once it is whole.
+
+        kombu creates the file under its final name and then writes it, so a consumer listing
+        the folder meanwhile took it empty or cut short (and dropped it as unreadable). Here
+        it is written under a name no consumer and no `status` count matches, flushed to
+        disk (a crash must not leave a renamed but empty file) and renamed into place:
+        kombu's name and ordering are kept.
+        """
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = os.path.join(self.data_folder_out, f".{name}{PARTIAL_SUFFIX}")
+        data = memoryview(str_to_bytes(dumps(payload)))
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(partial, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+    @property
+    def unreadable_folder(self) -> Path:
+        return Path(self.transport_options.get("unreadable_folder") or self.unacked_root.parent / "unreadable")
+
     def _sweep(self, queue_folder: Path) -> None:
         mine = _owners.get((os.getpid(), self.unacked_root))
         restore_orphans(self.unacked_root, queue_folder, skip=mine.name if mine else None)
+        remove_abandoned_partials(queue_folder)
         expire_broadcasts(self, float(self.transport_options.get("control_message_ttl", CONTROL_MESSAGE_TTL)),
                           float(self.transport_options.get("event_message_ttl", EVENT_MESSAGE_TTL)))
         # Bind again the queues this channel consumes: another sweeper unbinds a queue whose
