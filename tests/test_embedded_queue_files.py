@@ -1,4 +1,4 @@
-"""The embedded queue's files (rubrix_hooks/embedded_queue.py): a consumer never takes a message
+"""The embedded queue's files (telemetry_core/brokers/embedded.py): a consumer never takes a message
 still being written, and a file in the broker folder the worker cannot open does not stop it.
 
 Figures in docs/reliability.md, "Lost or silently dropped events on the embedded queue".
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from rubrix_hooks.embedded_queue import ORPHAN_SWEEP_INTERVAL
-from rubrix_hooks.settings import broker_transport_options, load_settings
+from telemetry_core.brokers.embedded import ORPHAN_SWEEP_INTERVAL
+from telemetry_core.settings import broker_transport_options, load_settings
 from tests.support import (REPO_ROOT, WorkerProcess, assert_each_delivered_once_after_dedup, child_environment,
                            publish_events, wait_until)
 
@@ -40,7 +40,7 @@ PUBLISHER = r"""
 import sys
 from dataclasses import replace
 from kombu import Connection
-from rubrix_hooks.settings import broker_transport_options, load_settings
+from telemetry_core.settings import broker_transport_options, load_settings
 
 settings = replace(load_settings(), broker_url=None)
 with Connection(settings.broker_url_or_default, transport_options=broker_transport_options(settings)) as connection:
@@ -56,7 +56,7 @@ def test_a_consumer_polling_while_messages_are_published_takes_every_message_who
     count = 300
     data = tmp_path / "data"
     received: list[dict[str, Any]] = []
-    caplog.set_level(logging.WARNING, logger="rubrix_hooks.embedded_queue")
+    caplog.set_level(logging.WARNING, logger="telemetry_core.brokers.embedded")
     with _connection(data) as connection:
         queue = connection.SimpleQueue(QUEUE)  # declared and bound before the publisher starts
         channel = queue.channel
