@@ -66,3 +66,33 @@ def test_an_outage_warns_once_per_interval_from_the_publisher_thread_not_per_req
         assert {r.threadName for r in caplog.records if "dropped" in r.getMessage()} == {"rubrix-telemetry-publisher"}
     finally:
         publisher.close(0.1)
+
+
+BROKER_PASSWORD = "hunter2-broker-secret"
+
+
+@pytest.fixture(scope="module")
+def redis_with_password(tmp_path_factory):
+    from tests.support import RedisServer
+
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis-password"), appendonly=False,
+                         extra_args=["--requirepass", BROKER_PASSWORD], client_options={"password": BROKER_PASSWORD})
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("refusal", ["closed port", "wrong password"])
+def test_the_server_log_names_why_the_broker_refuses_without_the_password(refusal, redis_with_password):
+    if refusal == "closed port":
+        url, cause = f"redis://:{BROKER_PASSWORD}@127.0.0.1:{free_port()}/0", "Connection refused"
+    else:
+        url, cause = f"redis://:{BROKER_PASSWORD}-wrong@127.0.0.1:{redis_with_password.port}/0", "invalid"
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=url)
+    report, _ = run_hook_client(env, count=3, flush_timeout=1.0)
+
+    lines = [line for line in report["stderr"].splitlines() if "cannot reach the broker" in line]
+    assert lines, report["stderr"]
+    # One line that names the cause, as `status` does, not only the exception's class.
+    assert cause in lines[0], lines[0]
+    assert BROKER_PASSWORD not in report["stderr"]
