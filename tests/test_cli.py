@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +57,65 @@ def test_demo_with_telemetry_off_sends_nothing():
     assert done.returncode == 0, done.stderr
     assert "Telemetry is off (RUBRIX_ENABLE_TELEMETRY): the collector received 0 messages." in done.stdout
     assert "export RUBRIX_ENABLE_TELEMETRY=0" not in done.stdout  # no "telemetry is on" notice
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes `pid` started, and theirs, read from /proc."""
+    found: set[int] = set()
+    parents = {pid}
+    while parents:
+        children = set()
+        for parent in parents:
+            for task in Path(f"/proc/{parent}/task").glob("*"):
+                try:
+                    children.update(int(child) for child in (task / "children").read_text().split())
+                except OSError:  # the task or process is gone
+                    pass
+        found |= children
+        parents = children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # A zombie has exited: only its parent has not read its status yet.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_stopped_by_a_signal_stops_its_worker_and_server_and_removes_its_folder(stop_signal):
+    demo = subprocess.Popen([*COMMAND, "demo", "--server", "example", "--port", str(free_port()),
+                             "--collector-port", str(free_port()), "--keep-running"],
+                            cwd=REPO_ROOT, env=child_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    children: set[int] = set()
+    try:
+        still_running = ""
+        for line in demo.stdout:  # type: ignore[union-attr]
+            if line.startswith("Still running"):
+                still_running = line
+                break
+        assert still_running, f"the demo exited with {demo.wait(timeout=30)} before it said so"
+        folder = Path(re.search(r"messages appended to (\S+)\)", still_running)[1]).parent
+        children = _descendants(demo.pid)
+        assert folder.is_dir() and len(children) >= 2, (folder, children)  # the worker and the server
+
+        demo.send_signal(stop_signal)
+        assert demo.wait(timeout=60) is not None
+        assert wait_until(lambda: not any(_alive(pid) for pid in children), timeout=30), \
+            [pid for pid in children if _alive(pid)]
+        assert not folder.exists()
+    finally:
+        children |= _descendants(demo.pid) if demo.poll() is None else set()
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid in children:  # a child the demo left behind: not for the next test to meet
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_demo_left_out_of_an_installation_says_so_in_one_line():
