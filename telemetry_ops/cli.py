@@ -82,7 +82,9 @@ def cmd_collector(args: argparse.Namespace) -> int:
         _check_can_append(args.out)
     _check_can_listen(args.host, args.port)
     try:
-        collector = Collector(host=args.host, port=args.port, out=args.out)
+        # Keeps no request: it runs for weeks (compose's `audit` profile); what it received
+        # is in its log and the --out file.
+        collector = Collector(host=args.host, port=args.port, out=args.out, keep_last=0)
     except OSError as error:
         raise CommandFailed(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     where = f", appending messages to {args.out}" if args.out else ""

@@ -17,7 +17,7 @@ import pytest
 from rubrix_hooks.contract import validate_event
 from telemetry_ops.cli import build_parser
 from telemetry_ops.preview import ID_NOT_CREATED_YET
-from tests.support import REPO_ROOT, child_environment, free_port, wait_until
+from tests.support import REPO_ROOT, child_environment, free_port, stop_process, wait_until
 
 COMMAND = [sys.executable, "-m", "telemetry_ops.cli"]
 
@@ -326,3 +326,53 @@ def test_collector_appends_every_message_to_its_jsonl_file(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+# What the collector command may grow by while it takes 360 more batches of 500 messages
+# (0.45 MB of JSON each) once warmed up on 40. Keeping every request, it grew ~440 KB a batch
+# (158 MB here; 29 -> 210 MB for 400 batches in the issue); flat, it grew by 16-32 KB. 16 MB
+# leaves the allocator its slack and still fails if it kept more than ~36 batches.
+COLLECTOR_RSS_GROWTH_BOUND_KIB = 16 * 1024
+
+
+@pytest.mark.slow
+def test_collector_command_stays_flat_in_memory_and_keeps_every_message_in_its_file(tmp_path):
+    import http.client
+
+    port = free_port()
+    out = tmp_path / "audit.jsonl"
+    process = subprocess.Popen([*COMMAND, "collector", "--port", str(port), "--out", str(out)], cwd=REPO_ROOT,
+                               env=child_environment(), stderr=subprocess.DEVNULL)
+    batches, per_batch, warm_up = 400, 500, 40
+    padding = "x" * 300  # a realistic message is ~400 bytes of JSON
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        def listens() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        assert wait_until(listens, timeout=20)
+        baseline = 0
+        for batch in range(batches):
+            if batch == warm_up:
+                baseline = _rss_kib(process.pid)
+            body = json.dumps({"batch": [{"event": "LogRecordsRequested", "messageId": f"{batch}-{n}",
+                                          "properties": {"padding": padding}} for n in range(per_batch)]})
+            connection.request("POST", "/v1/batch", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+        grown = _rss_kib(process.pid) - baseline
+        connection.close()
+        assert grown < COLLECTOR_RSS_GROWTH_BOUND_KIB, f"RSS grew by {grown} KiB from {baseline} KiB"
+        ids = [json.loads(line)["messageId"] for line in out.read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == batches * per_batch
+    finally:
+        stop_process(process)
