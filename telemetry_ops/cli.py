@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     collector = command(
         "collector", help="run a local Segment-compatible backend that records what is sent",
         description="A local Segment-compatible backend (POST /v1/batch and /v1/track) that logs a line "
-                    "per batch and appends every message to a JSONL file. Point "
+                    "per batch and, with --out, appends every message to a JSONL file. Point "
                     "RUBRIX_TELEMETRY_ENDPOINT at it to audit what leaves your server.")
     listen_options(collector, DEFAULT_COLLECTOR_PORT)
     collector.add_argument("--out", type=Path,

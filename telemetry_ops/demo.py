@@ -101,6 +101,17 @@ def _rubrix_available() -> bool:
         return False
 
 
+def _check_rubrix_installed() -> None:
+    """Before anything starts: else the server child fails with the hint of
+    `rubrix-telemetry server` (`--example`), a flag the demo does not have."""
+    from rubrix_hooks.rubrix_patch import RubrixNotInstalled, _rubrix_telemetry_module
+
+    try:
+        _rubrix_telemetry_module()
+    except RubrixNotInstalled as error:
+        raise DemoFailed(f"{error} (or pass --server example to run the example app)") from None
+
+
 def send_requests(base: str) -> list[tuple[str, int]]:
     """A short, realistic session; (description, HTTP status) for each request."""
     bulk = f"{base}/api/datasets/{PRIVATE_DATASET}/TextClassification:bulk"
@@ -136,6 +147,8 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
 def _run_demo(settings: Settings, server_kind: str, keep_running: bool, port: int, collector_port: int,
               timeout: float) -> int:
     use_rubrix = server_kind == "rubrix" or (server_kind == "auto" and _rubrix_available())
+    if use_rubrix:
+        _check_rubrix_installed()
     problem = listen_problem("127.0.0.1", port)
     if problem:
         raise DemoFailed(problem)

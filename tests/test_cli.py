@@ -304,6 +304,54 @@ def test_server_without_rubrix_says_how_to_install_it():
     assert "pip install --no-deps rubrix==0.18.0" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_demo_without_rubrix_hints_at_its_own_flag():
+    try:
+        import rubrix  # noqa: F401
+        pytest.skip("Rubrix is installed in this environment")
+    except ImportError:
+        pass
+    done = run("demo", "--server", "rubrix", "--port", str(free_port()), timeout=60)
+    assert done.returncode == 1
+    # The demo has no --example: its flag is --server example.
+    assert done.stderr.count("\n") == 1 and "--server example" in done.stderr, done.stderr
+    assert "--example" not in done.stderr.replace("--server example", ""), done.stderr
+
+
+def test_readme_says_how_to_install_what_flower_needs():
+    import tomllib
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(requirement.startswith("flower") for requirement in extras["flower"])
+    flower_row = next(row for row in readme.splitlines() if row.startswith("| `celery -A tasks flower`"))
+    assert 'pip install -e ".[flower]"' in flower_row
+
+
+def test_collector_without_out_writes_no_file_and_the_readme_says_so(tmp_path):
+    port = free_port()
+    before = set(tmp_path.iterdir())
+    process = subprocess.Popen([*COMMAND, "collector", "--port", str(port)], cwd=tmp_path,
+                               env=child_environment(PYTHONPATH=str(REPO_ROOT)), stderr=subprocess.PIPE, text=True)
+    try:
+        def post() -> int:
+            body = json.dumps({"batch": [{"event": "A"}]}).encode()
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/batch", data=body)
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    return response.status
+            except OSError:
+                return 0
+
+        assert wait_until(lambda: post() == 200, timeout=20)
+    finally:
+        stop_process(process)
+    assert set(tmp_path.iterdir()) == before  # nothing kept on disk without --out
+    readme = (REPO_ROOT / "README.md").read_text()
+    row = next(row for row in readme.splitlines() if row.startswith("| `rubrix-telemetry collector"))
+    assert "with `--out FILE`" in row and "--out" in build_parser()._subparsers._group_actions[0].choices[  # type: ignore[union-attr]
+        "collector"].description
+
+
 def test_collector_appends_every_message_to_its_jsonl_file(tmp_path):
     port = free_port()
     out = tmp_path / "audit.jsonl"
