@@ -91,7 +91,8 @@ def test_the_server_log_names_why_the_broker_refuses_without_the_password(refusa
     else:
         url, cause = f"redis://:{BROKER_PASSWORD}-wrong@127.0.0.1:{redis_with_password.port}/0", "invalid"
     env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=url)
-    report, _ = run_hook_client(env, count=3, flush_timeout=1.0)
+    # 5 s: the first publish loads Celery and the transport, over a second on a loaded machine.
+    report, _ = run_hook_client(env, count=3, flush_timeout=5.0)
 
     lines = [line for line in report["stderr"].splitlines() if "cannot reach the broker" in line]
     assert lines, report["stderr"]
@@ -108,6 +109,8 @@ WORKER_MISTAKES = {
     "no Redis password": (lambda redis: f"redis://127.0.0.1:{redis.port}/0", "Authentication required"),
     "wrong RabbitMQ password": (lambda redis: f"amqp://guest:wrong-{BROKER_PASSWORD}@127.0.0.1:5672//",
                                 "ACCESS_REFUSED"),
+    "unknown RabbitMQ vhost": (lambda redis: "amqp://guest:guest@127.0.0.1:5672/rubrix-telemetry-no-such-vhost",
+                               "NOT_ALLOWED"),
 }
 
 
