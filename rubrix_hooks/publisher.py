@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from rubrix_hooks import message
 from rubrix_hooks.contract import (
@@ -51,6 +52,21 @@ MAX_PUBLISH_PAUSE = 30.0
 # At most one warning about dropped events per this many seconds: a broker outage under
 # load would otherwise write a log line per request.
 DROP_WARNING_INTERVAL = 60.0
+
+
+def _broker_error_text(error: Exception, url: str) -> str:
+    """The cause in one line, as `status` names it: the class and its message ("Connection
+    refused", "invalid username-password pair"), with any password of the URL masked."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    for part in url.split(";"):  # kombu's failover list, Sentinel's nodes
+        try:
+            password = urlsplit(part).password
+        except ValueError:  # a URL urllib cannot split holds no password it could find either
+            password = None
+        if password:
+            text = text.replace(password, "***")
+    return text
 
 
 class PublishUnconfirmed(Exception):
@@ -322,7 +338,8 @@ class Publisher:
                 if self._failures == 1 or self._failures % 10 == 0:
                     log.warning(
                         "telemetry: cannot reach the broker (%s); %d events held, retrying in %.1fs",
-                        type(error).__name__, self.pending(), self._pause(),
+                        _broker_error_text(error, self._settings.broker_url_or_default), self.pending(),
+                        self._pause(),
                     )
                 return
             if self._failures:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 import warnings
+from urllib.parse import urlsplit
 
 import click
 from celery import Celery
@@ -17,6 +19,7 @@ from rubrix_hooks.contract import DELIVER_TASK_NAME
 from rubrix_hooks.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
                                    masked_url, report_switch_error)
 from tasks import counters
+from tasks.broker_redis import REDIS_SCHEMES, broker_redis, uses_redis
 from tasks.remote_status import delivery_problem  # also registers the command `status` sends
 
 log = logging.getLogger("tasks")
@@ -29,13 +32,75 @@ def _started_by_celery_command() -> bool:
 
 def _load_settings() -> Settings:
     try:
-        return load_settings()
+        settings = load_settings()
     except ConfigurationError as error:
         if _started_by_celery_command():
             # Celery's command line would print its usage banner and our traceback, and
             # exit 2: one line naming the variable and exit code 1 instead.
             raise SystemExit(f"celery -A tasks: configuration error: {error}") from None
         raise
+    mistake = _broker_url_mistake(settings)
+    if mistake and _started_by_celery_command():
+        # Checked here, at import: Celery parses the URL before `worker_init`, with a traceback.
+        raise SystemExit(_broker_mistake_line(settings, mistake))
+    return settings
+
+
+def _broker_mistake_line(settings: Settings, cause: str) -> str:
+    return (f"celery -A tasks: RUBRIX_TELEMETRY_BROKER_URL={masked_url(settings.broker_url_or_default)}: "
+            f"{_without_password(cause, settings.broker_url_or_default)}")
+
+
+def _without_password(text: str, url: str) -> str:
+    """`text` with every password of the URL (or of each URL of a ';' list) masked."""
+    for part in url.split(";"):
+        try:
+            password = urlsplit(part).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "***")
+    return " ".join(text.split())  # one line, whatever the library wrote
+
+
+def _broker_url_mistake(settings: Settings) -> str | None:
+    """What is wrong with the broker URL itself, knowable without a connection: a URL kombu
+    cannot parse, or (Redis) a database that is not a number."""
+    from kombu.utils.url import parse_url
+
+    if settings.uses_embedded_broker:
+        return None
+    for part in settings.broker_url_or_default.split(";"):
+        try:
+            database = parse_url(part).get("virtual_host") or ""
+        except ValueError as error:
+            return f"kombu cannot parse it: {error}"
+        # kombu's rule for Redis (transport/redis.py `_prepare_virtual_host`), checked before
+        # its traceback: an optional leading '/', then a number.
+        database = database[1:] if database.startswith("/") else database
+        if urlsplit(part).scheme in REDIS_SCHEMES and database not in ("", "/") and not database.isdigit():
+            return f"the Redis database is a number (0, 1, ...), not {database!r}"
+    return None
+
+
+def _broker_refusal(error: BaseException) -> str | None:
+    """The cause when the broker refused the worker for good (its credentials, its virtual
+    host, its database), which no retry can mend; None when it could not be reached, which
+    Celery retries."""
+    from amqp.exceptions import AccessRefused, NotAllowed
+    from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError, ResponseError
+
+    refusals = (AccessRefused, NotAllowed, AuthenticationError, AuthenticationWrongNumberOfArgsError)
+    seen: BaseException | None = error
+    while seen is not None:  # kombu re-raises a library's error as its own, the original as the cause
+        if isinstance(seen, ssl.SSLError):  # TLS (a ValueError too): left to Celery, as before
+            return None
+        if isinstance(seen, refusals) or isinstance(seen, ValueError):
+            return str(seen) or type(seen).__name__
+        if isinstance(seen, ResponseError) and str(seen).split(" ", 1)[0] in ("WRONGPASS", "NOAUTH", "NOPERM"):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # Read at import: `celery -A tasks worker` fails at start-up on a bad value.
@@ -78,18 +143,31 @@ app.conf.update(
 
 
 @worker_init.connect
-def _check_queue_type(**_: object) -> None:
-    """Stops the start with one line when the queue exists with another type: Celery would
-    stop with a traceback at its first declare, and a supervisor restart it for ever."""
-    if not settings.uses_amqp_broker:
+def _check_broker(**_: object) -> None:
+    """Stops the start with one line when the broker refuses the worker (a wrong password, a
+    database or vhost it does not have) or the queue exists with another type: Celery would
+    retry a refused login 100 times, or stop with a traceback, and a supervisor restart it
+    for ever. A broker that cannot be reached is no mistake: Celery retries it, as before."""
+    if settings.uses_embedded_broker or not (settings.uses_amqp_broker or uses_redis(settings)):
         return
+    timeout = max(settings.publish_timeout, 5.0)
     try:
-        rabbitmq.ensure_queue(settings, timeout=max(settings.publish_timeout, 5.0))
+        if settings.uses_amqp_broker:
+            rabbitmq.ensure_queue(settings, timeout=timeout)
+        else:
+            with broker_redis(settings, timeout):  # connecting pings it, with the URL's credentials
+                pass
     except rabbitmq.QueueTypeMismatch as error:
         print(f"rubrix-telemetry: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
-        log.debug("telemetry: could not check the queue before start: %r", error)
+        refusal = _broker_refusal(error)
+        if refusal is None:
+            log.debug("telemetry: could not check the broker before start: %r", error)
+            return
+        print(_broker_mistake_line(settings, f"the broker refused the worker: {refusal}"), file=sys.stderr,
+              flush=True)
+        raise SystemExit(1) from None
 
 
 @worker_ready.connect
