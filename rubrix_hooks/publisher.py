@@ -37,7 +37,7 @@ from telemetry_core.contract import (
 from telemetry_core.platform_info import platform_info
 from telemetry_core.brokers import broker_for
 from telemetry_core.brokers.base import PublishUnconfirmed, QueueMisconfigured
-from telemetry_core.settings import Settings, broker_transport_options
+from telemetry_core.settings import Settings, broker_transport_options, error_text
 
 __all__ = ["CeleryBatchSender", "Publisher", "PublishUnconfirmed"]
 
@@ -306,7 +306,8 @@ class Publisher:
                 if self._failures == 1 or self._failures % 10 == 0:
                     log.warning(
                         "telemetry: cannot reach the broker (%s); %d events held, retrying in %.1fs",
-                        type(error).__name__, self.pending(), self._pause(),
+                        error_text(error, self._settings.broker_url_or_default), self.pending(),
+                        self._pause(),
                     )
                 return
             if self._failures:

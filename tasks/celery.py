@@ -13,10 +13,10 @@ from celery.signals import (task_rejected, task_unknown, worker_init, worker_pro
                             worker_shutdown)
 
 from telemetry_core.brokers import broker_for
-from telemetry_core.brokers.base import WorkerCannotStart
+from telemetry_core.brokers.base import BrokerRefusedWorker, QueueMisconfigured
 from telemetry_core.contract import DELIVER_TASK_NAME
 from telemetry_core.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
-                                   masked_url, report_switch_error)
+                                     masked_url, report_switch_error, without_password)
 from tasks import counters
 from tasks.remote_status import delivery_problem  # also registers the command `status` sends
 
@@ -80,13 +80,20 @@ app.conf.update(
 
 
 @worker_init.connect
-def _prepare_the_broker(**_: object) -> None:
-    """Stops the start with one line for what the broker refuses (on RabbitMQ, a queue of
-    another type): Celery would stop with a traceback, and a supervisor restart it for ever."""
+def _check_broker(**_: object) -> None:
+    """Stops the start with one line when the broker refuses the worker (a wrong password, a
+    database or vhost it does not have) or the queue exists with another type: Celery would
+    retry a refused login 100 times, or stop with a traceback, and a supervisor restart it
+    for ever. A broker that cannot be reached is no mistake: Celery retries it, as before."""
+    url = settings.broker_url_or_default
     try:
         broker.prepare_worker(timeout=max(settings.publish_timeout, 5.0))
-    except WorkerCannotStart as error:
+    except QueueMisconfigured as error:
         print(f"rubrix-telemetry: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except BrokerRefusedWorker as error:
+        print(f"celery -A tasks: RUBRIX_TELEMETRY_BROKER_URL={masked_url(url)}: the broker refused the worker: "
+              f"{without_password(str(error), url)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

@@ -298,3 +298,22 @@ def masked_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def without_password(text: str, url: str) -> str:
+    """`text` on one line, with every password of the URL (or of each URL of a ';' list:
+    kombu's failover list, Sentinel's nodes) masked: for an error's text in a log line."""
+    for part in url.split(";"):
+        try:
+            password = urlsplit(part).password
+        except ValueError:  # a URL urllib cannot split holds no password it could find either
+            password = None
+        if password:
+            text = text.replace(password, "***")
+    return " ".join(text.split())  # one line, whatever the library wrote
+
+
+def error_text(error: BaseException, url: str) -> str:
+    """An error as operators are told it: its class and its message, password masked."""
+    text = without_password(str(error), url)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

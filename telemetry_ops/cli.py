@@ -82,7 +82,9 @@ def cmd_collector(args: argparse.Namespace) -> int:
         _check_can_append(args.out)
     _check_can_listen(args.host, args.port)
     try:
-        collector = Collector(host=args.host, port=args.port, out=args.out)
+        # Keeps no request: it runs for weeks (compose's `audit` profile); what it received
+        # is in its log and the --out file.
+        collector = Collector(host=args.host, port=args.port, out=args.out, keep_last=0)
     except OSError as error:
         raise CommandFailed(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     where = f", appending messages to {args.out}" if args.out else ""
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     collector = command(
         "collector", help="run a local Segment-compatible backend that records what is sent",
         description="A local Segment-compatible backend (POST /v1/batch and /v1/track) that logs a line "
-                    "per batch and appends every message to a JSONL file. Point "
+                    "per batch and, with --out, appends every message to a JSONL file. Point "
                     "RUBRIX_TELEMETRY_ENDPOINT at it to audit what leaves your server.")
     listen_options(collector, DEFAULT_COLLECTOR_PORT)
     collector.add_argument("--out", type=Path,

@@ -2,12 +2,15 @@
 
 `rubrix-telemetry collector` runs it; operators point `RUBRIX_TELEMETRY_ENDPOINT` at it
 to audit the telemetry before anything goes out, and the tests use it as the backend.
-It accepts `POST /v1/batch` and `POST /v1/track`, keeps every received request, and
-appends every message to a JSONL file when given one.
+It accepts `POST /v1/batch` and `POST /v1/track`, counts the requests and messages, keeps
+the received requests (every one by default, as the tests read them; the last `keep_last`
+when given: the command keeps none, so that it stays flat in memory however long it runs),
+and appends every message to a JSONL file when given one.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -16,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, MutableSequence
 
 log = logging.getLogger("telemetry_ops.collector")
 
@@ -78,9 +81,16 @@ class Collector:
     port: int = 0
     out: Path | None = None
     responder: Responder | None = None
-    requests: list[ReceivedRequest] = field(default_factory=list)
+    # None: keep every request (the tests read them); N: only the last N (0: none).
+    keep_last: int | None = None
+    requests: MutableSequence[ReceivedRequest] = field(default_factory=list)
+    # Counted whatever is kept: every request, and the messages of those answered 2xx.
+    requests_received: int = 0
+    messages_accepted: int = 0
 
     def __post_init__(self) -> None:
+        if self.keep_last is not None:
+            self.requests = collections.deque(self.requests, maxlen=self.keep_last)
         self._lock = threading.RLock()  # wait_for predicates read under it
         self._changed = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer((self.host, self.port), self._handler_class())
@@ -105,7 +115,7 @@ class Collector:
         self._server.server_close()
 
     def accepted_messages(self) -> list[dict[str, Any]]:
-        """Every message of every request that was answered 2xx, in arrival order."""
+        """Every message of every kept request that was answered 2xx, in arrival order."""
         with self._lock:
             return [m for r in self.requests if 200 <= r.status < 300 for m in r.messages]
 
@@ -114,16 +124,21 @@ class Collector:
             return self._changed.wait_for(lambda: predicate(self), timeout)
 
     def _record(self, request: ReceivedRequest) -> None:
+        accepted = 200 <= request.status < 300
         with self._changed:
             self.requests.append(request)
+            self.requests_received += 1
+            if accepted:
+                self.messages_accepted += len(request.messages)
             self._changed.notify_all()
-        if 200 <= request.status < 300 and request.messages:
+        if accepted and request.messages:
             if self.out is not None:
                 with self.out.open("a", encoding="utf-8") as out:
                     for message in request.messages:
                         out.write(json.dumps(message, ensure_ascii=False) + "\n")
             events = ", ".join(str(m.get("event")) for m in request.messages if isinstance(m, dict))
-            log.info("received %d messages on %s: %s", len(request.messages), request.path, events)
+            log.info("received %d messages on %s (%d in all): %s", len(request.messages), request.path,
+                     self.messages_accepted, events)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         collector = self

@@ -41,6 +41,22 @@ class DemoFailed(Exception):
     pass
 
 
+class DemoStopped(DemoFailed):
+    """SIGTERM or SIGHUP (`kill`, a closed terminal) arrived: raised in the main thread, so
+    that the stack is stopped and the temporary folder removed, as after Ctrl-C."""
+
+
+# The signals that end the demo as Ctrl-C does; without handlers they end it at once,
+# leaving the worker and the server running and the temporary folder on disk.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_by_signal(signum: int, _frame: object) -> None:
+    for stop_signal in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise DemoStopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -85,6 +101,17 @@ def _rubrix_available() -> bool:
         return False
 
 
+def _check_rubrix_installed() -> None:
+    """Before anything starts: else the server child fails with the hint of
+    `rubrix-telemetry server` (`--example`), a flag the demo does not have."""
+    from rubrix_hooks.rubrix_patch import RubrixNotInstalled, _rubrix_telemetry_module
+
+    try:
+        _rubrix_telemetry_module()
+    except RubrixNotInstalled as error:
+        raise DemoFailed(f"{error} (or pass --server example to run the example app)") from None
+
+
 def send_requests(base: str) -> list[tuple[str, int]]:
     """A short, realistic session; (description, HTTP status) for each request."""
     bulk = f"{base}/api/datasets/{PRIVATE_DATASET}/TextClassification:bulk"
@@ -105,7 +132,23 @@ def send_requests(base: str) -> list[tuple[str, int]]:
 
 def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool = False,
              port: int = 6900, collector_port: int = 0, timeout: float = 60.0) -> int:
+    previous = {stop_signal: signal.signal(stop_signal, _stop_by_signal) for stop_signal in STOP_SIGNALS}
+    try:
+        return _run_demo(settings, server_kind, keep_running, port, collector_port, timeout)
+    except DemoStopped:
+        if keep_running:  # the way to stop a demo left running, as Ctrl-C is
+            return 0
+        raise
+    finally:
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
+
+
+def _run_demo(settings: Settings, server_kind: str, keep_running: bool, port: int, collector_port: int,
+              timeout: float) -> int:
     use_rubrix = server_kind == "rubrix" or (server_kind == "auto" and _rubrix_available())
+    if use_rubrix:
+        _check_rubrix_installed()
     problem = listen_problem("127.0.0.1", port)
     if problem:
         raise DemoFailed(problem)
@@ -126,10 +169,14 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", settings.queue, "--pool", "solo",
              "--without-mingle", "--without-gossip", "-l", "INFO", "-n", "demo@%h"],
-            env=env, stdout=worker_log, stderr=subprocess.STDOUT)
+            env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
         stack.callback(_stop, worker)
         server_args = ["server", "--port", str(port)] + ([] if use_rubrix else ["--example"])
-        server = subprocess.Popen([sys.executable, "-m", "telemetry_ops.cli", *server_args], env=env)
+        # Both children in a session of their own: the terminal's signals (Ctrl-C, SIGHUP when
+        # it closes) reach the demo alone, which stops them in order; Celery's worker would
+        # re-execute itself on a SIGHUP of its own and outlive the demo.
+        server = subprocess.Popen([sys.executable, "-m", "telemetry_ops.cli", *server_args], env=env,
+                                  start_new_session=True)
         stack.callback(_stop, server)
         log.info("worker on the embedded queue in %s; %s server on http://127.0.0.1:%d",
                  workdir / "data", "Rubrix" if use_rubrix else "example", port)
@@ -168,7 +215,7 @@ def run_demo(settings: Settings, server_kind: str = "auto", keep_running: bool =
                   f"record texts and metadata sent to the server found in them: {leaked or 'none'}")
         if keep_running:
             print(f"\nStill running: server {base}, collector {collector.url} "
-                  f"(messages appended to {out}). Ctrl-C stops everything.", flush=True)
+                  f"(messages appended to {out}). Ctrl-C (or SIGTERM) stops everything.", flush=True)
             try:
                 while server.poll() is None and worker.poll() is None:
                     time.sleep(0.5)

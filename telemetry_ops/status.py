@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from telemetry_core.brokers import broker_for
 from telemetry_core.counts import add_counts
-from telemetry_core.settings import Settings, load_settings, masked_url
+from telemetry_core.settings import Settings, load_settings, masked_url, without_password
 from tasks import counters
 
 T = TypeVar("T")
@@ -75,11 +75,6 @@ class BrokerReport:
     counts_error: str | None = None
 
 
-def _without_password(text: str, url: str) -> str:
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
-
-
 def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerReport:
     """Asks the broker, giving up after `timeout` seconds whatever it is stuck on."""
     url = settings.broker_url_or_default
@@ -98,7 +93,7 @@ def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerR
     if isinstance(error, counters.CountsUnavailable):
         report.counts_error = str(error)
     elif error is not None:
-        report.error = _without_password(str(error) or type(error).__name__, url)
+        report.error = without_password(str(error), url) or type(error).__name__
     return report
 
 

@@ -175,3 +175,19 @@ def test_masked_url_hides_the_password():
     assert masked_url("redis://redis:6379/0") == "redis://redis:6379/0"
     assert masked_url("sentinel://:pw1@h1:26379;sentinel://:pw1@h2:26379") == \
         "sentinel://:***@h1:26379;sentinel://:***@h2:26379"
+
+
+def test_compose_passes_an_empty_switch_when_unset_and_empty_means_on():
+    import re
+
+    from telemetry_core.settings import telemetry_switch
+    from tests.support import REPO_ROOT
+
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    # `${VAR:-}`: the containers get VAR='' when the shell and .env leave it unset.
+    assert re.search(r"RUBRIX_ENABLE_TELEMETRY: \$\{RUBRIX_ENABLE_TELEMETRY:-\}", compose)
+    switch = telemetry_switch({"RUBRIX_ENABLE_TELEMETRY": "", "DO_NOT_TRACK": ""})
+    assert (switch.enabled, switch.decided_by, switch.error) == (True, "default", None)
+    readme = (REPO_ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `RUBRIX_ENABLE_TELEMETRY`"))
+    assert "empty" in row and "compose" in row

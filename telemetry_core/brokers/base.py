@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Protocol
 from urllib.parse import urlsplit
 
-from telemetry_core.settings import ConfigurationError, Settings
+from telemetry_core.settings import ConfigurationError, Settings, masked_url, without_password
 
 
 class PublishUnconfirmed(Exception):
@@ -28,8 +28,9 @@ class QueueMisconfigured(Exception):
     """The broker refuses the telemetry queue as configured (one line for an operator)."""
 
 
-class WorkerCannotStart(Exception):
-    """What a worker must not start with, in one line for the operator."""
+class BrokerRefusedWorker(Exception):
+    """The broker refused the worker for good (its credentials, its virtual host or database):
+    no retry can mend it. The text is the broker's cause."""
 
 
 @dataclass
@@ -76,10 +77,25 @@ class Broker:
 
     # -- configuration (checked when the settings are loaded) ----------------------------
     def check_settings(self) -> None:
-        """Raises ConfigurationError for a setting this broker cannot honour."""
+        """Raises ConfigurationError for a setting this broker cannot honour, or a URL it cannot
+        use (knowable without a connection: Celery would stop with a traceback)."""
+        from kombu.utils.url import parse_url
+
+        for part in self.url.split(";"):
+            try:
+                problem = self.url_problem(parse_url(part))
+            except ValueError as error:
+                problem = f"kombu cannot parse it: {error}"
+            if problem:
+                raise ConfigurationError(f"RUBRIX_TELEMETRY_BROKER_URL={masked_url(self.url)}: "
+                                         f"{without_password(problem, self.url)}")
         if self.settings.queue_type != "classic":
             raise ConfigurationError(f"RUBRIX_TELEMETRY_QUEUE_TYPE={self.settings.queue_type} needs a RabbitMQ "
                                      f"broker (amqp://), not {self.scheme}://")
+
+    def url_problem(self, parts: Mapping[str, Any]) -> str | None:
+        """What this broker cannot use in one URL of the list (kombu's `parse_url` parts)."""
+        return None
 
     def redelivery_limit(self) -> tuple[str, float]:
         """The variable, and its seconds, after which the broker takes back a message a worker
@@ -111,7 +127,9 @@ class Broker:
         return [Queue(self.settings.queue, routing_key=self.settings.queue)]
 
     def prepare_worker(self, timeout: float) -> None:
-        """Before a worker consumes; raises WorkerCannotStart with one line for the operator."""
+        """Before a worker consumes: raises BrokerRefusedWorker or QueueMisconfigured for what
+        must stop its start (a supervisor would restart it for ever); a broker that cannot be
+        reached is no such thing: Celery retries it."""
 
     def explain_publish_error(self, error: Exception) -> Exception | None:
         """A clearer exception for a failed publish (PublishUnconfirmed, QueueMisconfigured),

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-from telemetry_core.brokers.base import Broker, PublishUnconfirmed, QueueMisconfigured, QueueState, WorkerCannotStart
+from telemetry_core.brokers.base import Broker, BrokerRefusedWorker, PublishUnconfirmed, QueueMisconfigured, QueueState
 from telemetry_core.settings import Settings
 
 log = logging.getLogger("telemetry_core.brokers.rabbitmq")
@@ -245,13 +245,20 @@ class RabbitMQBroker(Broker):
         return task_queues(self.settings)
 
     def prepare_worker(self, timeout: float) -> None:
-        """Stops the start with one line when the queue exists with another type: Celery would
-        stop with a traceback at its first declare, and a supervisor restart it for ever."""
+        """The queue declared with its type (QueueTypeMismatch when it exists with another),
+        and the credentials and vhost checked (BrokerRefusedWorker: ACCESS_REFUSED, NOT_ALLOWED)."""
+        from amqp.exceptions import AccessRefused, NotAllowed
+
         try:
             ensure_queue(self.settings, timeout)
-        except QueueTypeMismatch as error:
-            raise WorkerCannotStart(str(error)) from None
+        except QueueTypeMismatch:
+            raise
         except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
+            seen: BaseException | None = error
+            while seen is not None:  # kombu re-raises py-amqp's error as its own, the original as the cause
+                if isinstance(seen, (AccessRefused, NotAllowed)):
+                    raise BrokerRefusedWorker(str(seen) or type(seen).__name__) from None
+                seen = seen.__cause__ or seen.__context__
             log.debug("telemetry: could not check the queue before start: %r", error)
 
     def explain_publish_error(self, error: Exception) -> Exception | None:

@@ -21,7 +21,7 @@ import os
 import uuid
 from typing import Any, Iterator, Mapping
 
-from telemetry_core.brokers.base import Broker, QueueState
+from telemetry_core.brokers.base import Broker, BrokerRefusedWorker, QueueState
 from telemetry_core.settings import ConfigurationError, Settings, broker_transport_options
 
 COUNTS_KEY = "rubrix-telemetry:counts"
@@ -101,6 +101,25 @@ class RedisCounts:
         return dict(self._client.hgetall(COUNTS_KEY))
 
 
+def _refusal(error: BaseException) -> str | None:
+    """The cause when Redis refused the client for good (its credentials, its database); None
+    when it could not be reached."""
+    import ssl
+
+    from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError, ResponseError
+
+    seen: BaseException | None = error
+    while seen is not None:  # kombu re-raises a library's error as its own, the original as the cause
+        if isinstance(seen, ssl.SSLError):  # TLS (a ValueError too): left to Celery's retries
+            return None
+        if isinstance(seen, (AuthenticationError, AuthenticationWrongNumberOfArgsError, ValueError)):
+            return str(seen) or type(seen).__name__
+        if isinstance(seen, ResponseError) and str(seen).split(" ", 1)[0] in ("WRONGPASS", "NOAUTH", "NOPERM"):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _as_id(stored: Any) -> str | None:
     return None if stored is None else str(uuid.UUID(stored.decode() if isinstance(stored, bytes) else str(stored)))
 
@@ -116,6 +135,24 @@ class RedisBroker(Broker):
         if self.scheme == "sentinel" and not self.settings.extra_transport_options.get("master_name"):
             raise ConfigurationError("a sentinel:// RUBRIX_TELEMETRY_BROKER_URL needs the master's name in "
                                      'RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS, e.g. {"master_name": "mymaster"}')
+
+    def url_problem(self, parts: Mapping[str, Any]) -> str | None:
+        # kombu's rule (transport/redis.py `_prepare_virtual_host`), checked before its
+        # traceback: an optional leading '/', then a number.
+        database = parts.get("virtual_host") or ""
+        database = database[1:] if database.startswith("/") else database
+        if database not in ("", "/") and not database.isdigit():
+            return f"the Redis database is a number (0, 1, ...), not {database!r}"
+        return None
+
+    def prepare_worker(self, timeout: float) -> None:
+        try:
+            with broker_redis(self.settings, timeout):  # connecting pings it, with the URL's credentials
+                pass
+        except Exception as error:  # noqa: BLE001 (an unreachable broker is Celery's to retry)
+            refusal = _refusal(error)
+            if refusal is not None:
+                raise BrokerRefusedWorker(refusal) from None
 
     def transport_options(self) -> dict[str, Any]:
         settings = self.settings
