@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit
 
 from telemetry_core.brokers import broker_for
 from telemetry_core.counts import add_counts
