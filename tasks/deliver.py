@@ -142,7 +142,7 @@ def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    max_retries=None,  # bounded by RUBRIX_TELEMETRY_MAX_RETRY_DURATION instead
+    max_retries=None,  # bounded by RUBRIX_TELEMETRY_MAX_EVENT_AGE instead
     typing=False,  # a malformed message is counted and dropped below, not failed by Celery
 )
 def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -178,10 +178,10 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if not outcome.retry:
         return _summary(len(outcome.delivered), dropped)
 
-    if now - started >= settings.max_retry_duration:
-        dropped[f"gave up after {settings.max_retry_duration:g}s ({outcome.retry_reason})"] += len(outcome.retry)
+    if now - started >= settings.max_event_age:
+        dropped[f"gave up after {settings.max_event_age:g}s ({outcome.retry_reason})"] += len(outcome.retry)
         log.error("telemetry: dropped %d events: the backend failed (%s) for longer than %gs",
-                  len(outcome.retry), outcome.retry_reason, settings.max_retry_duration)
+                  len(outcome.retry), outcome.retry_reason, settings.max_event_age)
         return _summary(len(outcome.delivered), dropped)
 
     countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)

@@ -51,12 +51,18 @@ class Settings:
     shutdown_timeout: float
     backoff_base: float
     backoff_max: float
-    max_retry_duration: float
+    # The most events that may wait in the broker (queued, held by workers, waiting for a
+    # retry); beyond it a server drops new events and counts them.
+    max_backlog: int
+    # Seconds after its hook fired when an event is no longer delivered (dropped, `expired`).
+    max_event_age: float
     visibility_timeout: float
     http_timeout: float
     # RabbitMQ only: the queue's type, and the broker's consumer_timeout as we know it.
     queue_type: str
     consumer_timeout: float
+    # The embedded queue: whether a server starts a worker alongside when none consumes.
+    embedded_worker: bool = True
     # RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS: merged over ours (`broker_transport_options`).
     extra_transport_options: dict[str, Any] = field(default_factory=dict, hash=False)
     # Set when a switch variable holds a value that is neither true nor false: telemetry is
@@ -210,6 +216,34 @@ def _check_transport_options(settings: Settings) -> None:
                                  "use RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT")
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    raise ValueError
+
+
+# Events waiting in the broker at most. An event takes about 100 bytes in a task message
+# (format 2), so the bound keeps the broker's share to about 10 MB.
+DEFAULT_MAX_BACKLOG = 100_000
+MAX_EVENT_AGE_VARIABLE = "RUBRIX_TELEMETRY_MAX_EVENT_AGE"
+DEPRECATED_MAX_RETRY_DURATION = "RUBRIX_TELEMETRY_MAX_RETRY_DURATION"
+_reported_deprecations: set[str] = set()
+
+
+def _max_event_age(env: Mapping[str, str]) -> float:
+    """RUBRIX_TELEMETRY_MAX_EVENT_AGE, or the variable it replaces (with one warning a process)."""
+    if (env.get(MAX_EVENT_AGE_VARIABLE) or "").strip() or not (env.get(DEPRECATED_MAX_RETRY_DURATION) or "").strip():
+        return _seconds(env, MAX_EVENT_AGE_VARIABLE, 86_400.0)
+    if DEPRECATED_MAX_RETRY_DURATION not in _reported_deprecations:
+        _reported_deprecations.add(DEPRECATED_MAX_RETRY_DURATION)
+        log.warning("telemetry: %s is deprecated: set %s (seconds after an event's hook fired when it is "
+                    "dropped as expired) instead", DEPRECATED_MAX_RETRY_DURATION, MAX_EVENT_AGE_VARIABLE)
+    return _seconds(env, DEPRECATED_MAX_RETRY_DURATION, 86_400.0)
+
+
 def _queue_name(raw: str) -> str:
     if not raw.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ValueError
@@ -247,12 +281,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         shutdown_timeout=_seconds(env, "RUBRIX_TELEMETRY_SHUTDOWN_TIMEOUT", 5.0),
         backoff_base=_seconds(env, "RUBRIX_TELEMETRY_BACKOFF_BASE", 2.0),
         backoff_max=_seconds(env, "RUBRIX_TELEMETRY_BACKOFF_MAX", 600.0),
-        max_retry_duration=_seconds(env, "RUBRIX_TELEMETRY_MAX_RETRY_DURATION", 86_400.0),
+        max_backlog=_read(env, "RUBRIX_TELEMETRY_MAX_BACKLOG", DEFAULT_MAX_BACKLOG, _positive_int,
+                          "a positive integer"),
+        max_event_age=_max_event_age(env),
         visibility_timeout=_seconds(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0),
         http_timeout=_seconds(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0),
         queue_type=_read(env, "RUBRIX_TELEMETRY_QUEUE_TYPE", "classic", _queue_type, "classic or quorum"),
         consumer_timeout=_seconds(env, "RUBRIX_TELEMETRY_CONSUMER_TIMEOUT", 1800.0),
         extra_transport_options=_transport_options(env),
+        embedded_worker=_read(env, "RUBRIX_TELEMETRY_EMBEDDED_WORKER", True, _bool,
+                              f"{'/'.join(TRUE_VALUES)} or {'/'.join(FALSE_VALUES)}"),
     )
     if settings.broker_url is not None:
         _check_broker_scheme(settings.broker_url)

@@ -35,7 +35,9 @@ TEST_ENVIRONMENT = {
     "RUBRIX_TELEMETRY_BACKOFF_MAX": "3",
     "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT": "10",
     "RUBRIX_TELEMETRY_HTTP_TIMEOUT": "2",
-    "RUBRIX_TELEMETRY_MAX_RETRY_DURATION": "60",
+    "RUBRIX_TELEMETRY_MAX_EVENT_AGE": "60",
+    # Tests start the workers they need: none alongside a server on the embedded queue.
+    "RUBRIX_TELEMETRY_EMBEDDED_WORKER": "0",
 }
 os.environ.pop("DO_NOT_TRACK", None)
 os.environ.update(TEST_ENVIRONMENT)

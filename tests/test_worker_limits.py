@@ -14,7 +14,7 @@ def test_events_are_dropped_and_logged_after_the_maximum_retry_duration(redis_se
     queue = "telemetry-give-up"
     backend = Collector(responder=lambda path, body: (503, {})).start()
     env = child_environment(RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=backend.url,
-                            RUBRIX_TELEMETRY_MAX_RETRY_DURATION="1.5", RUBRIX_TELEMETRY_BACKOFF_BASE="0.2",
+                            RUBRIX_TELEMETRY_MAX_EVENT_AGE="1.5", RUBRIX_TELEMETRY_BACKOFF_BASE="0.2",
                             RUBRIX_TELEMETRY_BACKOFF_MAX="0.5")
     worker = WorkerProcess(env, session_dir / "worker-give-up.log", queue=queue)
     try:
