@@ -303,7 +303,10 @@ class Publisher:
                     self._ensure_sender()(self._in_hand)
             except Exception as error:
                 self._failures += 1
-                if self._failures == 1 or self._failures % 10 == 0:
+                # A queue the broker refuses was said once, in a line of its own (CeleryBatchSender):
+                # the broker answers, so it is not "cannot reach".
+                out_of_reach = not isinstance(error, QueueMisconfigured)
+                if out_of_reach and (self._failures == 1 or self._failures % 10 == 0):
                     log.warning(
                         "telemetry: cannot reach the broker (%s); %d events held, retrying in %.1fs",
                         error_text(error, self._settings.broker_url_or_default), self.pending(),
