@@ -29,6 +29,7 @@ from telemetry_core.brokers import broker_for
 from telemetry_core.counts import DROP_REASON_LABELS, drop_reason_label
 from telemetry_core.settings import Settings, masked_url, without_password
 from telemetry_ops.status import CHECKS_BUDGET, STATUS_TIMEOUT, WORKER_REPLY_WAIT, CheckBounds, Status, collect_status
+from tasks.remote_status import DELIVERED
 
 log = logging.getLogger("telemetry_ops.metrics")
 
@@ -84,7 +85,7 @@ class _Backlog:
 def last_delivered_at(status: Status) -> float | None:
     """When a worker consuming the queue last delivered, by the workers' own answers."""
     times = [float(last["at"]) for worker in status.consuming
-             if isinstance(last := worker.get("last_delivery"), dict) and last.get("outcome") == "delivered"
+             if isinstance(last := worker.get("last_delivery"), dict) and last.get("outcome") == DELIVERED
              and isinstance(last.get("at"), (int, float))]
     return max(times, default=None)
 

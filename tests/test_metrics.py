@@ -17,11 +17,13 @@ from typing import Iterator
 import pytest
 import redis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry_core.counts import DROP_REASON_LABELS, drop_reason_label
 from telemetry_ops.status import CHECKS_BUDGET
 from tests.support import (REPO_ROOT, ServerProcess, SilentBroker, child_environment, children_fixture, free_port,
-                           http_request, run_hook_client, scripted, stop_process, wait_until)
+                           http_request, run_hook_client, scripted, status_json, stop_process,
+                           wait_until)
 
 PROMETHEUS = shutil.which("prometheus")
 ALERTS = REPO_ROOT / "monitoring" / "alerts.yml"
@@ -132,7 +134,15 @@ def test_prometheus_scrapes_the_deployments_counts_and_workers(redis_server, col
     assert prometheus.values("rubrix_telemetry_broker_up") == {"": 1.0}
     assert prometheus.values("rubrix_telemetry_last_delivery_timestamp_seconds")[""] > time.time() - 120
 
-    _, _, body = http_request(exporter.port, "GET", "/metrics")
+    # The deployment's counts, as `status` shows them, whichever exporter serves them and
+    # whenever it started: none is counted in an exporter's memory.
+    assert status_json(**deployment)[1]["counts"] == {"delivered": 5, "retried": 0, "dropped": {"HTTP 400": 1}}
+    late = start_exporter(children, tmp_path, **deployment)
+    _, _, body = http_request(late.port, "GET", "/metrics")
+    served = {(sample.name, sample.labels.get("reason")): sample.value
+              for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+    assert (served[("rubrix_telemetry_events_delivered_total", None)],
+            served[("rubrix_telemetry_events_dropped_total", "refused")]) == (5.0, 1.0)
     assert b"test-write-key" not in body and b"redis://" not in body
 
     figures = {name: prometheus.values(query)[""] for name, query in {
