@@ -1,6 +1,7 @@
 # One image for the telemetry stack (see docker-compose.yml), in two targets:
 #   worker: the Celery workers (tasks/), Flower, and the operator's commands an operator runs
-#           inside the stack (telemetry_ops/: `rubrix-telemetry status` and the audit collector);
+#           inside the stack (telemetry_ops/: `rubrix-telemetry status`, the audit collector and
+#           the Prometheus exporter `rubrix-telemetry metrics`);
 #   rubrix: the same plus the real Rubrix 0.18 server (`rubrix-telemetry server`).
 # The demo (telemetry_ops/demo.py) starts its own worker, server and collector on one machine:
 # it is for a checkout, not for a container, and .dockerignore leaves it out of both images.
@@ -20,7 +21,7 @@ COPY telemetry_core ./telemetry_core
 COPY rubrix_hooks ./rubrix_hooks
 COPY tasks ./tasks
 COPY telemetry_ops ./telemetry_ops
-RUN pip install ".[flower]"
+RUN pip install ".[flower,metrics]"
 # Celery warns, for good reason, when run as root: run as a plain user. A named volume
 # mounted on an existing folder starts with its ownership (/audit: the audit collector's).
 RUN useradd --create-home --uid 1000 telemetry && mkdir -p /data /audit && chown telemetry /data /audit

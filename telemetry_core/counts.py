@@ -133,3 +133,50 @@ def add_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for reason, n in part.get("dropped", {}).items():
             total["dropped"][reason] = total["dropped"].get(reason, 0) + int(n)
     return total
+
+
+# The `reason` label of `rubrix_telemetry_events_dropped_total` (telemetry_ops/metrics.py):
+# a small fixed set, because every distinct label value is a time series Prometheus keeps for
+# good, and the reasons counted are free text (`HTTP 400`, `invalid: <rule>`, ...).
+DROP_REASON_LABELS = (
+    "refused",  # the backend answered a 4xx other than 429 (`HTTP 400`): the events were dropped
+    "invalid",  # an event broke the contract (`invalid: <rule>`, `not a list of events`)
+    "rejected",  # a task message no worker can read (`rejected message (X)`, `unknown message format N`)
+    "too_large",  # `message over 32 KB`
+    "expired",  # undeliverable for RUBRIX_TELEMETRY_MAX_EVENT_AGE (`gave up after Ns (...)`, `expired`)
+    "backlog",  # the broker held RUBRIX_TELEMETRY_MAX_BACKLOG events already (the server's)
+    "buffer_full",  # a server's buffer was full: the broker did not take events fast enough
+    "shutdown_timeout",  # a server exited before it could hand its buffer over
+    "telemetry_off",  # a worker switched off acknowledged the events (`telemetry off (VAR)`)
+    "no_write_key",  # `RUBRIX_TELEMETRY_KEY not set` on a worker delivering to Segment
+    "error",  # an unexpected error (`unexpected error (X)`, the server's `hook_error`)
+    "other",  # any reason this release does not know
+)
+_EXACT_REASONS = {
+    "not a list of events": "invalid",
+    "message over 32 KB": "too_large",
+    "RUBRIX_TELEMETRY_KEY not set": "no_write_key",
+    "buffer_full": "buffer_full",
+    "shutdown_timeout": "shutdown_timeout",
+    "hook_error": "error",
+}
+_REASON_PATTERNS = (  # tried in order: the first that matches names the label
+    (re.compile(r"HTTP 4\d\d"), "refused"),
+    (re.compile(r"invalid: "), "invalid"),
+    (re.compile(r"rejected message \(|unknown message format "), "rejected"),
+    (re.compile(r"gave up after |.*expired"), "expired"),
+    (re.compile(r".*backlog"), "backlog"),
+    (re.compile(r"telemetry off \("), "telemetry_off"),
+    (re.compile(r"unexpected error \("), "error"),
+)
+
+
+def drop_reason_label(reason: str) -> str:
+    """The label in DROP_REASON_LABELS for a drop reason as the counts name it; `other` for a
+    reason this release does not know (one from a newer worker, say)."""
+    if reason in _EXACT_REASONS:
+        return _EXACT_REASONS[reason]
+    for pattern, label in _REASON_PATTERNS:
+        if pattern.match(reason):
+            return label
+    return "other"

@@ -1,5 +1,5 @@
 """`rubrix-telemetry`: run the demo, the Rubrix server with hooks, the audit collector,
-preview what would be sent, and check the pipeline's status.
+preview what would be sent, check the pipeline's status, and serve its figures to Prometheus.
 
 Workers and Flower are started with Celery's own commands (`celery -A tasks worker`,
 `celery -A tasks flower`), which operators already know.
@@ -22,6 +22,7 @@ log = logging.getLogger("rubrix-telemetry")
 PROG = "rubrix-telemetry"
 DEFAULT_SERVER_PORT = 6900
 DEFAULT_COLLECTOR_PORT = 6970
+DEFAULT_METRICS_PORT = 6971  # telemetry_ops.metrics.DEFAULT_METRICS_PORT: that module needs prometheus_client
 
 
 class CommandFailed(Exception):
@@ -153,6 +154,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_status(json_output=args.json)
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    try:
+        from telemetry_ops.metrics import serve_metrics
+    except ModuleNotFoundError as error:
+        if error.name != "prometheus_client":
+            raise
+        raise CommandFailed("prometheus_client is not installed: pip install \"rubrix-telemetry[metrics]\"") from None
+
+    settings = _settings_with_a_clear_switch()
+    _check_can_listen(args.host, args.port)
+    try:
+        serve_metrics(settings, args.host, args.port)
+    except OSError as error:
+        raise CommandFailed(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
@@ -228,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "exit code 1 with one line per problem on stderr. Answers within 5 seconds.")
     status.add_argument("--json", action="store_true", help="print one JSON document for scripts")
     status.set_defaults(run=cmd_status)
+
+    metrics = command(
+        "metrics", help="serve the deployment's telemetry figures to Prometheus on /metrics",
+        description="Serves /metrics in Prometheus' text format. Each scrape asks the broker and the workers "
+                    "as `status` does, within the scrape's timeout (4 seconds at most): events delivered, "
+                    "retried and dropped (by reason) deployment-wide, the backlog and its limit, whether the "
+                    "broker answers, and the workers consuming the queue. Never the write key or a password.")
+    listen_options(metrics, DEFAULT_METRICS_PORT)
+    metrics.set_defaults(run=cmd_metrics)
     return parser
 
 

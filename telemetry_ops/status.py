@@ -40,6 +40,21 @@ WORKER_REPLY_WAIT = 1.5
 WORKERS_DEADLINE = 3.0
 
 
+@dataclass(frozen=True)
+class CheckBounds:
+    """Seconds each check may take: `status`'s are the defaults; `metrics` fits them into a
+    scrape's timeout (telemetry_ops/metrics.py)."""
+
+    broker: float = STATUS_TIMEOUT  # the broker check, connection and DNS included
+    total: float = CHECKS_BUDGET  # from the start of the checks: nothing is waited for after it
+    reply_wait: float = WORKER_REPLY_WAIT  # Celery waits this long after the last answer for another
+    workers: float = WORKERS_DEADLINE  # the whole exchange with the workers
+    workers_at_least: float = 1.0  # the workers get this long even when the broker check was slow
+
+
+STATUS_BOUNDS = CheckBounds()
+
+
 def _within(timeout: float, name: str, work: Callable[[], T]) -> tuple[bool, T | None, BaseException | None]:
     """Runs `work` for at most `timeout` seconds: (finished, its result, what it raised).
 
@@ -96,7 +111,7 @@ def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerR
     return report
 
 
-def ask_workers(settings: Settings, deadline: float) -> list[dict[str, Any]]:
+def ask_workers(settings: Settings, deadline: float, reply_wait: float = WORKER_REPLY_WAIT) -> list[dict[str, Any]]:
     """The workers' answers to the status command that came within `deadline` seconds, by name."""
     from tasks.celery import app  # the workers' own broker configuration
     from tasks.remote_status import STATUS_COMMAND
@@ -109,7 +124,7 @@ def ask_workers(settings: Settings, deadline: float) -> list[dict[str, Any]]:
     def broadcast() -> None:
         options = broker_for(settings).reply_transport_options()
         with app.connection_for_write(transport_options=options) as connection:
-            app.control.broadcast(STATUS_COMMAND, connection=connection, reply=True, timeout=WORKER_REPLY_WAIT,
+            app.control.broadcast(STATUS_COMMAND, connection=connection, reply=True, timeout=reply_wait,
                                   callback=collect)
 
     # Each answer is kept as it arrives: the deadline cuts the wait, never what came in.
@@ -137,14 +152,15 @@ class Status:
         return [worker for worker in self.workers if self.queue in worker.get("queues", [])]
 
 
-def collect_status(settings: Settings) -> Status:
+def collect_status(settings: Settings, bounds: CheckBounds = STATUS_BOUNDS) -> Status:
     started = time.monotonic()
     status = Status(telemetry_enabled=settings.enabled, decided_by=settings.decided_by,
                     endpoint=settings.endpoint, write_key_set=bool(settings.write_key),
-                    queue=settings.queue, broker=probe_broker(settings))
+                    queue=settings.queue, broker=probe_broker(settings, bounds.broker))
     if status.broker.answers:
-        remaining = CHECKS_BUDGET - (time.monotonic() - started)
-        status.workers = ask_workers(settings, max(1.0, min(WORKERS_DEADLINE, remaining)))
+        remaining = bounds.total - (time.monotonic() - started)
+        status.workers = ask_workers(settings, max(bounds.workers_at_least, min(bounds.workers, remaining)),
+                                     bounds.reply_wait)
         if not counters.keeps_counts(settings) and status.consuming:
             # A broker that stores no values: each worker counts in its data folder and says so.
             status.broker.counts = add_counts([worker.get("deliveries") or {} for worker in status.consuming])

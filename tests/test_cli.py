@@ -280,7 +280,7 @@ def test_preview_shows_the_switch_platform_and_valid_examples():
     assert json.loads(run("preview", DO_NOT_TRACK="1").stdout)["decided_by"] == "DO_NOT_TRACK"
 
 
-@pytest.mark.parametrize("command", [["collector"], ["server", "--example"]])
+@pytest.mark.parametrize("command", [["collector"], ["server", "--example"], ["metrics"]])
 def test_port_taken_ends_in_one_clear_line(command):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

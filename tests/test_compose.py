@@ -24,7 +24,8 @@ from tests.support import REPO_ROOT, child_environment
 COMPOSE = shutil.which("docker-compose")
 pytestmark = pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed (.ci/run installs it)")
 
-PROJECT_SERVICES = {"rubrix", "worker", "flower", "collector"}
+PROJECT_SERVICES = {"rubrix", "worker", "flower", "collector", "metrics"}
+PROFILES = {"collector": ["audit"], "metrics": ["monitoring"], "prometheus": ["monitoring"]}
 TELEMETRY_SERVICES = {"rubrix", "worker"}
 
 
@@ -42,18 +43,20 @@ def _yaml_to_json(text: str) -> Any:
         return json.loads(done.stdout)
 
 
-def compose_config(tmp_path: Path, env_file: str = "", **env: str) -> subprocess.CompletedProcess[str]:
-    """`docker-compose config` with only `env` in the environment and `env_file` as `.env`,
-    so that neither the caller's shell nor a `.env` in the checkout changes the result."""
+def compose_config(tmp_path: Path, env_file: str = "", profile: str | None = None,
+                   **env: str) -> subprocess.CompletedProcess[str]:
+    """`docker-compose [--profile P] config` with only `env` in the environment and `env_file`
+    as `.env`, so that neither the caller's shell nor a `.env` in the checkout changes the result."""
     dotenv = tmp_path / "test.env"
     dotenv.write_text(env_file)
-    return subprocess.run([COMPOSE, "--env-file", str(dotenv), "config"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env})
+    return subprocess.run([COMPOSE, "--env-file", str(dotenv), *(["--profile", profile] if profile else []), "config"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env})
 
 
-def rendered(tmp_path: Path, env_file: str = "", **env: str) -> dict[str, Any]:
+def rendered(tmp_path: Path, env_file: str = "", profile: str | None = None, **env: str) -> dict[str, Any]:
     env.setdefault("FLOWER_BASIC_AUTH", "operator:pw")
-    done = compose_config(tmp_path, env_file, **env)
+    done = compose_config(tmp_path, env_file, profile, **env)
     assert done.returncode == 0, done.stderr
     return _yaml_to_json(done.stdout)
 
@@ -63,10 +66,9 @@ def services(tmp_path) -> dict[str, Any]:
     return rendered(tmp_path)["services"]
 
 
-def test_stack_has_its_services_and_the_audit_collector_behind_a_profile(services):
-    assert set(services) == {"redis", "elasticsearch", "rubrix", "worker", "flower", "collector"}
-    assert services["collector"]["profiles"] == ["audit"]
-    assert all("profiles" not in service for name, service in services.items() if name != "collector")
+def test_stack_has_its_services_and_the_audit_collector_and_monitoring_behind_profiles(services):
+    assert set(services) == {"redis", "elasticsearch", "rubrix", "worker", "flower", *PROFILES}
+    assert {name: service["profiles"] for name, service in services.items() if "profiles" in service} == PROFILES
 
 
 def _check_celery_command(argv: list[str]) -> None:
@@ -153,3 +155,23 @@ def test_rubrix_uses_elasticsearch_7_and_listens_on_6900(services):
     assert services["elasticsearch"]["image"].rsplit(":", 1)[1].startswith("7.")
     assert services["rubrix"]["environment"]["RUBRIX_ELASTICSEARCH"] == "http://elasticsearch:9200"
     assert services["rubrix"]["ports"] == [{"published": 6900, "target": 6900}]
+
+
+def test_monitoring_profile_scrapes_the_exporter_and_flower_and_loads_the_rules(tmp_path):
+    services = rendered(tmp_path, profile="monitoring")["services"]
+    prometheus, exporter = services["prometheus"], services["metrics"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090/tcp"] and "ports" not in exporter
+    mounts = {volume.split(":")[1]: Path(volume.split(":")[0]) for volume in prometheus["volumes"]}
+    config_file = next(arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file="))
+    assert mounts[config_file] == REPO_ROOT / "monitoring" / "prometheus.yml"
+    config = _yaml_to_json(mounts[config_file].read_text())
+    assert [mounts[rules] for rules in config["rule_files"]] == [REPO_ROOT / "monitoring" / "alerts.yml"]
+
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    argv = exporter["command"]
+    assert argv[:2] == ["rubrix-telemetry", "metrics"]
+    assert targets["rubrix-telemetry"] == [f"metrics:{argv[argv.index('--port') + 1]}"]
+    assert targets["flower"] == ["flower:5555"]  # /metrics, Prometheus' default path
+    # The exporter asks the broker the workers consume, for the queue they consume.
+    asked, consumed = load_settings(exporter["environment"]), load_settings(services["worker"]["environment"])
+    assert (asked.broker_url, asked.queue) == (consumed.broker_url, consumed.queue)
