@@ -6,10 +6,11 @@ import collections
 import logging
 import random
 import time
+from datetime import datetime
 from typing import Any
 
 from celery import Task
-from celery.exceptions import InvalidTaskError, Reject
+from celery.exceptions import InvalidTaskError, Reject, Retry
 from celery.worker.request import Request
 
 from telemetry_core import message
@@ -17,7 +18,7 @@ from telemetry_core.contract import DELIVER_TASK_NAME
 from telemetry_core.platform_info import platform_info
 from telemetry_core.settings import Settings
 from tasks import counters
-from tasks.celery import app, settings
+from tasks.celery import app, backend_breaker, settings
 from tasks.installation_id import deployment_id
 from tasks.remote_status import record_last_delivery
 from tasks.segment import DeliveryOutcome, deliver_messages, segment_message
@@ -27,6 +28,10 @@ log = logging.getLogger("tasks.deliver")
 
 class DeliveryFailed(Exception):
     """The backend could not take the events this time; the task is retried."""
+
+
+# The reason events too old to deliver are counted under (`status`, the metrics exporter).
+EXPIRED = "expired"
 
 
 class RetryNotQueued(Reject):
@@ -104,6 +109,17 @@ class CheckedRequest(Request):
                 and isinstance(embed, (dict, type(None)))):
             raise InvalidTaskError("malformed task body (not [args, kwargs, embed])")
 
+    # Runs in the worker's main process (prefork: from the pool's results), which owns the
+    # consumer: the breaker stops taking work while the backend fails (tasks/celery.py).
+    def on_retry(self, exc_info: Any) -> None:
+        super().on_retry(exc_info)
+        retry = exc_info.exception
+        countdown = retry.when if isinstance(retry, Retry) and isinstance(retry.when, (int, float)) else 0.0
+        # The retry's own countdown (it honours Retry-After), and at least the backoff for
+        # this many pauses in a row: a backend down for long is probed ever less often.
+        pause = max(countdown, retry_countdown(backend_breaker.pauses_in_a_row(), None, settings))
+        backend_breaker.backend_failed(pause)
+
 
 def retry_countdown(retries: int, retry_after: float | None, settings: Settings) -> float:
     """Seconds to wait before the next attempt: exponential, jittered, capped.
@@ -118,6 +134,30 @@ def retry_countdown(retries: int, retry_after: float | None, settings: Settings)
     if retry_after is not None:
         countdown = max(countdown, retry_after)
     return min(countdown, settings.backoff_max)
+
+
+def _hook_fired_at(event: dict[str, Any]) -> float | None:
+    """Seconds since the epoch when the event's hook fired (its `timestamp`, checked by the
+    contract on reading), or None for a timestamp this worker cannot read."""
+    try:
+        return datetime.fromisoformat(event["timestamp"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _without_expired(events: list[dict[str, Any]], now: float, dropped: collections.Counter[str],
+                     when: str) -> list[dict[str, Any]]:
+    """The events still young enough to deliver; the others are counted as `expired`, in one
+    log line. An event's age runs from its hook, whether it waited in the queue (no worker)
+    or in retries (the backend failing); a timestamp ahead of this worker's clock is young."""
+    oldest_allowed = now - settings.max_event_age
+    fresh = [event for event in events if (_hook_fired_at(event) or now) >= oldest_allowed]
+    expired = len(events) - len(fresh)
+    if expired:
+        dropped[EXPIRED] += expired
+        log.warning("telemetry: dropped %d events %s: older than %gs (RUBRIX_TELEMETRY_MAX_EVENT_AGE), expired",
+                    expired, when, settings.max_event_age)
+    return fresh
 
 
 def _unexpected(error: Exception, events: int, dropped: collections.Counter[str]) -> collections.Counter[str]:
@@ -142,7 +182,7 @@ def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    max_retries=None,  # bounded by RUBRIX_TELEMETRY_MAX_EVENT_AGE instead
+    max_retries=None,  # bounded by RUBRIX_TELEMETRY_MAX_EVENT_AGE instead (events expire)
     typing=False,  # a malformed message is counted and dropped below, not failed by Celery
 )
 def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -163,25 +203,25 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
                   len(batch.events), settings.endpoint)
         return _summary(0, dropped)
 
+    now = time.time()
+    events = _without_expired(batch.events, now, dropped, "before sending")
+    if not events:
+        return _summary(0, dropped)
     # The server's platform data; this worker's own only for a message that carries none.
     platform = batch.platform or platform_info()
-    now = time.time()
+    # Kept in the retry message for older workers, which gave up that long after it.
     started = batch.first_attempt_at if batch.first_attempt_at is not None and batch.first_attempt_at <= now else now
     try:
         anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
         outcome: DeliveryOutcome = deliver_messages(
-            [segment_message(event, platform, anonymous_id) for event in batch.events], settings)
+            [segment_message(event, platform, anonymous_id) for event in events], settings)
     except Exception as error:  # noqa: BLE001
-        return _summary(0, _unexpected(error, len(batch.events), dropped))
+        return _summary(0, _unexpected(error, len(events), dropped))
     record_last_delivery(settings, self.request.hostname, outcome)  # for `status`
     dropped.update(outcome.dropped)
+    if outcome.retry:
+        outcome.retry = _without_expired(outcome.retry, time.time(), dropped, f"instead of retrying ({outcome.retry_reason})")
     if not outcome.retry:
-        return _summary(len(outcome.delivered), dropped)
-
-    if now - started >= settings.max_event_age:
-        dropped[f"gave up after {settings.max_event_age:g}s ({outcome.retry_reason})"] += len(outcome.retry)
-        log.error("telemetry: dropped %d events: the backend failed (%s) for longer than %gs",
-                  len(outcome.retry), outcome.retry_reason, settings.max_event_age)
         return _summary(len(outcome.delivered), dropped)
 
     countdown = retry_countdown(self.request.retries, outcome.retry_after, settings)

@@ -1,30 +1,58 @@
-"""Where a worker stops trying: the maximum retry duration, and Segment without a write key."""
+"""Where a worker stops trying: the maximum event age (and its former name), and Segment without a write key."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from telemetry_ops.collector import Collector
-from tests.support import WorkerProcess, child_environment, run_hook_client, wait_until
+from tests.support import WorkerProcess, child_environment, run_hook_client, status_json, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def test_events_are_dropped_and_logged_after_the_maximum_retry_duration(redis_server, session_dir):
+def _retried_until_expired(env: dict[str, str], worker: WorkerProcess, backend: Collector, age: str) -> None:
+    worker.wait_ready()
+    run_hook_client(env, count=3)
+    # Before an attempt, or instead of a retry: whichever comes once they are too old.
+    line = re.compile(rf"dropped 3 events (before sending|instead of retrying \(HTTP 503\)): older than {age}s "
+                      r"\(RUBRIX_TELEMETRY_MAX_EVENT_AGE\), expired")
+    assert wait_until(lambda: line.search(worker.log()), timeout=30), worker.log()
+    attempts = len(backend.requests)
+    assert attempts >= 1
+    assert not backend.wait_for(lambda b: len(b.requests) > attempts, timeout=2)
+    assert wait_until(lambda: status_json(**env)[1]["counts"]["dropped"].get("expired") == 3, timeout=10)
+
+
+def test_events_are_dropped_as_expired_once_older_than_the_maximum_age(redis_server, session_dir):
     queue = "telemetry-give-up"
     backend = Collector(responder=lambda path, body: (503, {})).start()
     env = child_environment(RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=backend.url,
                             RUBRIX_TELEMETRY_MAX_EVENT_AGE="1.5", RUBRIX_TELEMETRY_BACKOFF_BASE="0.2",
                             RUBRIX_TELEMETRY_BACKOFF_MAX="0.5")
+    redis_server.client().delete("rubrix-telemetry:counts")
     worker = WorkerProcess(env, session_dir / "worker-give-up.log", queue=queue)
     try:
-        worker.wait_ready()
-        run_hook_client(env, count=3)
-        assert wait_until(lambda: "for longer than 1.5s" in worker.log(), timeout=30), worker.log()
-        attempts = len(backend.requests)
-        assert attempts >= 3  # it did retry, several times, before giving up
-        assert "dropped 3 events: the backend failed (HTTP 503)" in worker.log()
-        assert not backend.wait_for(lambda b: len(b.requests) > attempts, timeout=2)
+        _retried_until_expired(env, worker, backend, "1.5")
+        assert "deprecated" not in worker.log()
+    finally:
+        worker.stop()
+        backend.stop()
+
+
+def test_the_former_max_retry_duration_is_read_with_one_warning(redis_server, session_dir):
+    queue = "telemetry-give-up-alias"
+    backend = Collector(responder=lambda path, body: (503, {})).start()
+    env = child_environment(RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=backend.url,
+                            RUBRIX_TELEMETRY_MAX_EVENT_AGE=None, RUBRIX_TELEMETRY_MAX_RETRY_DURATION="1.5",
+                            RUBRIX_TELEMETRY_BACKOFF_BASE="0.2", RUBRIX_TELEMETRY_BACKOFF_MAX="0.5")
+    redis_server.client().delete("rubrix-telemetry:counts")
+    worker = WorkerProcess(env, session_dir / "worker-give-up-alias.log", queue=queue)
+    try:
+        _retried_until_expired(env, worker, backend, "1.5")
+        assert worker.log().count("RUBRIX_TELEMETRY_MAX_RETRY_DURATION is deprecated: set "
+                                  "RUBRIX_TELEMETRY_MAX_EVENT_AGE") == 1, worker.log()
     finally:
         worker.stop()
         backend.stop()
