@@ -107,12 +107,20 @@ def _concurrency(consumer: Any) -> int | None:
     return int(processes) if isinstance(processes, int) else getattr(consumer.controller, "concurrency", None)
 
 
-def worker_report(settings: Settings, consumer: Any, hostname: str) -> dict[str, Any]:
-    """The answer: JSON-serialisable, and never the write key or a broker password."""
+def worker_report(settings: Settings, consumer: Any, hostname: str,
+                  paused_queues: list[str] | None = None) -> dict[str, Any]:
+    """The answer: JSON-serialisable, and never the write key or a broker password.
+
+    A queue the worker stopped taking from while the backend fails (`paused_queues`, the
+    circuit breaker's) is still its queue: `status` must not say nobody consumes it.
+    """
     task_consumer = consumer.task_consumer
+    consuming = {queue.name for queue in task_consumer.queues} if task_consumer else set()
     return {
         "name": hostname,
-        "queues": sorted(queue.name for queue in task_consumer.queues) if task_consumer else [],
+        "queues": sorted(consuming | set(paused_queues or [])),
+        # The queues it takes no work from until its next probe of the failing backend.
+        "paused_queues": sorted(paused_queues or []),
         "telemetry": {"enabled": settings.enabled, "decided_by": settings.decided_by},
         "endpoint": settings.endpoint,
         "write_key_set": bool(settings.write_key),
@@ -131,6 +139,6 @@ def worker_report(settings: Settings, consumer: Any, hostname: str) -> dict[str,
 @inspect_command(name=STATUS_COMMAND)
 def _answer_status(state: Any, **_: Any) -> dict[str, Any]:
     """Telemetry settings of this worker (rubrix-telemetry status)."""
-    from tasks.celery import settings  # loaded by then: the worker runs the app
+    from tasks.celery import backend_breaker, settings  # loaded by then: the worker runs the app
 
-    return worker_report(settings, state.consumer, state.hostname)
+    return worker_report(settings, state.consumer, state.hostname, backend_breaker.paused_queues)

@@ -219,6 +219,7 @@ def _worker_line(worker: dict[str, Any], queue: str) -> str:
     line = (f"  {worker['name']}: telemetry {state} (decided by {switch.get('decided_by')}), "
             f"queues {', '.join(worker.get('queues', [])) or 'none'}{consumes}, "
             f"endpoint {worker.get('endpoint')} (write key {'set' if worker.get('write_key_set') else 'not set'}), "
+            f"{'paused while the backend fails, ' if worker.get('paused_queues') else ''}"
             f"concurrency {worker.get('concurrency')}, "
             f"Celery {worker.get('celery_version')}, kombu {worker.get('kombu_version')}")
     last = worker.get("last_delivery")

@@ -106,3 +106,27 @@ def test_a_worker_holds_no_more_during_an_outage_and_drains_everything_after(own
         assert peak - idle <= OUTAGE_GROWTH_LIMIT_MB, (idle, peak)
     finally:
         worker.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_paused_by_a_failing_backend_still_consumes_its_queue_in_status(own_redis, collectors, tmp_path):
+    # The breaker cancels the worker's task queue while the backend fails; `status` (and the
+    # metrics' workers_up) must name the backend, not report that nobody consumes the queue.
+    backend = collectors(responder=lambda path, body: (503, {}))
+    queue = "telemetry-paused"
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=own_redis.url, RUBRIX_TELEMETRY_QUEUE=queue,
+                            RUBRIX_TELEMETRY_ENDPOINT=backend.url, RUBRIX_TELEMETRY_BACKOFF_BASE="2",
+                            RUBRIX_TELEMETRY_BACKOFF_MAX="8")
+    worker = WorkerProcess(env, tmp_path / "worker.log", queue=queue)
+    try:
+        worker.wait_ready()
+        publish_events(3, queue, broker_url=own_redis.url, events_per_task=1)
+        assert wait_until(lambda: "taking no new work" in worker.log(), timeout=30), worker.log()
+        code, status, stderr = status_json(**env)
+        assert code == 1, status
+        [answer] = status["workers"]
+        assert answer["paused_queues"] == [queue] and queue in answer["queues"], answer
+        assert not any("no worker consumes" in problem for problem in status["problems"]), status["problems"]
+        assert any("HTTP 503" in problem for problem in status["problems"]), status["problems"]
+    finally:
+        worker.stop()
