@@ -1,4 +1,5 @@
-"""The test suite on the oldest and the newest supported CPython: `python3 -m nox` (.ci/run runs it).
+"""The test suite on the oldest and the newest supported CPython: `python3 -m nox` (.ci/run runs it),
+without the load tests, which .ci/run's first pass runs on the default Python.
 
 `nox -s tests-3.10` runs one of them; `nox -s tests --force-python 3.9 -- tests/test_faults.py`
 runs any pyenv interpreter, for example to check a Python outside the supported range.
@@ -42,4 +43,6 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("python", "-c", "import sys, celery, kombu; "
                 "print('Python', sys.version.split()[0], 'celery', celery.__version__, 'kombu', kombu.__version__)")
-    session.run("python", "-m", "pytest", *session.posargs)
+    # The load tests (marker `load`: minutes of traffic each) run once, on the default Python
+    # (.ci/run's first pass); here only when asked for with pytest arguments.
+    session.run("python", "-m", "pytest", *(session.posargs or ["-m", "not load"]))
