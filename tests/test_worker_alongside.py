@@ -224,3 +224,15 @@ def test_a_worker_already_running_means_none_is_started(children, collectors, da
     assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 30, 60)
     assert not (data_dir / "worker-alongside.log").exists()
     assert worker_pids(data_dir) == [operators.process.pid]
+
+
+def test_a_server_killed_by_sigkill_still_lets_its_worker_stop(children, collectors, data_dir):
+    backend = collectors()
+    server = start_server(children, alongside_env(data_dir, backend.url))
+    sent = get_me([server], rounds=3)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 90), worker_log(data_dir)
+    assert len(worker_pids(data_dir)) == 1
+
+    server.stop(signal.SIGKILL)  # no exit handler runs: the kernel drops the server's lock
+    assert wait_until(lambda: not worker_pids(data_dir), WORKER_GONE_TIMEOUT, interval=0.2)
+    assert lock_is_free(data_dir / "broker" / "worker-alongside.lock")
