@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from telemetry_core.settings import Settings
@@ -114,7 +115,7 @@ class _ServerSide:
                     self._failure_logged = True
                     log.warning("telemetry: cannot start a worker alongside the server (%s: %s); events wait "
                                 "in %s for a worker", type(error).__name__, error, self.settings.data_dir / "broker")
-            threading.Event().wait(CHECK_INTERVAL)
+            time.sleep(CHECK_INTERVAL)
 
     def check(self) -> None:
         """Spawns the worker alongside when none consumes the queue and none is being started."""
@@ -205,7 +206,7 @@ def hold_for_worker(settings: Settings) -> None:
 def _stop_when_no_server_is_left(settings: Settings, log_file: Path) -> None:
     servers_fd = _open_lock(lock_paths(settings)["servers"])
     while True:
-        threading.Event().wait(SERVERS_CHECK_INTERVAL)
+        time.sleep(SERVERS_CHECK_INTERVAL)
         _bound_log(log_file)
         if _free(servers_fd):
             log.info("telemetry: no server is left on %s: the worker alongside stops (warm shutdown)",
