@@ -223,6 +223,9 @@ class Publisher:
                 self._ensure_sender()
         except Exception:  # retried at the first publish; the failure is logged there
             pass
+        # On the embedded queue, the one worker its data folder needs, unless one runs; from
+        # this thread, so that the server's start never waits for it (it never raises).
+        broker_for(self._settings).start_worker_alongside()
         while True:
             self._wake.wait(self._pause())
             self._wake.clear()

@@ -186,6 +186,9 @@ def _check_broker(**_: object) -> None:
         print(f"celery -A tasks: RUBRIX_TELEMETRY_BROKER_URL={masked_url(url)}: the broker refused the worker: "
               f"{without_password(str(error), url)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    # Held while it runs (the embedded queue: so that no server starts a worker beside it; in
+    # the worker a server started, also what stops it once no server is left).
+    broker.worker_starting()
 
 
 @worker_ready.connect

@@ -131,6 +131,15 @@ class Broker:
         must stop its start (a supervisor would restart it for ever); a broker that cannot be
         reached is no such thing: Celery retries it."""
 
+    def start_worker_alongside(self) -> None:
+        """Called once from each server process's publisher thread: on a broker whose queue lives
+        beside the server (the embedded queue), starts the one worker it needs when none consumes
+        it. Never raises, never blocks the server. Elsewhere workers are the operator's: nothing."""
+
+    def worker_starting(self) -> None:
+        """At a worker's start (`worker_init`): what the broker needs a running worker to hold
+        (the embedded queue: the lock that tells servers a worker consumes). Never raises."""
+
     def explain_publish_error(self, error: Exception) -> Exception | None:
         """A clearer exception for a failed publish (PublishUnconfirmed, QueueMisconfigured),
         or None to let the error stand."""

@@ -55,6 +55,7 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
+from telemetry_core.brokers import alongside
 from telemetry_core.brokers.base import Broker, QueueState
 from telemetry_core.counts import FileCounts
 from telemetry_core.settings import EMBEDDED_SCHEME, Settings
@@ -515,6 +516,13 @@ class EmbeddedBroker(Broker):
             "control_folder": str(folders["control"]),
             "unacked_folder": str(folders["unacked"]),
         }
+
+    def start_worker_alongside(self) -> None:
+        # The design and its locks: telemetry_core/brokers/alongside.py.
+        alongside.start_for_server(self.settings)
+
+    def worker_starting(self) -> None:
+        alongside.hold_for_worker(self.settings)
 
     def reply_transport_options(self) -> dict[str, Any]:
         # kombu's default polling interval (1 s) would add up to a second to each answer.

@@ -1,0 +1,238 @@
+"""The embedded default with no worker started by hand: servers start the one worker their data folder needs.
+
+Real `rubrix-telemetry server` processes on an embedded queue of the test's own, the
+project's collector as the backend; the worker is whatever the servers start
+(`telemetry_core/brokers/alongside.py`). The switch is on here (tests/conftest.py turns it
+off for every other test).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from rubrix_hooks.example_app import API_KEY
+from tests.support import (Children, child_environment, children_fixture, free_port, http_request,
+                           run_hook_client, status_json, unique_messages, wait_until)
+
+pytestmark = pytest.mark.slow
+
+AUTH = {"X-Rubrix-Api-Key": API_KEY}
+# A server's look-out runs every 5 s and a worker alongside looks for servers every 2 s; on
+# a loaded 2-core machine a worker also takes seconds to start and to stop.
+WORKER_GONE_TIMEOUT = 60
+
+
+def alongside_env(data_dir: Path, endpoint: str, **overrides: str | None) -> dict[str, str]:
+    return child_environment(**{"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(data_dir),
+                                "RUBRIX_TELEMETRY_ENDPOINT": endpoint, "RUBRIX_TELEMETRY_EMBEDDED_WORKER": "1",
+                                **overrides})
+
+
+def worker_pids(data_dir: Path) -> list[int]:
+    """The Celery worker processes serving this data folder (the machine runs other tests' too)."""
+    wanted = f"RUBRIX_TELEMETRY_DATA_DIR={data_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"celery" not in b" ".join(argv) or b"worker" not in argv:
+                continue
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def embedded_status(data_dir: Path) -> tuple[int, dict[str, Any], str]:
+    return status_json(RUBRIX_TELEMETRY_BROKER_URL=None, RUBRIX_TELEMETRY_DATA_DIR=str(data_dir))
+
+
+def worker_log(data_dir: Path) -> str:
+    log = data_dir / "worker-alongside.log"
+    return f"worker log:\n{log.read_text(errors='replace')}" if log.exists() else "no worker was started"
+
+
+def lock_is_free(path: Path) -> bool:
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def get_me(servers: list[Any], rounds: int) -> int:
+    """`rounds` GET /api/me on each server in turn (one event each); returns how many were sent."""
+    for _ in range(rounds):
+        for server in servers:
+            status, _, _ = http_request(server.port, "GET", "/api/me", AUTH)
+            assert status == 200
+    return rounds * len(servers)
+
+
+def start_server(children: Children, env: dict[str, str]) -> Any:
+    port = free_port()
+    return children.server([sys.executable, "-m", "telemetry_ops.cli", "server", "--example", "--host", "127.0.0.1",
+                            "--port", str(port)], port, env)
+
+
+def stop_servers(servers: list[Any]) -> None:
+    for server in servers:
+        server.stop()  # SIGTERM, as a supervisor stops it
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "data"
+    yield folder
+    for pid in worker_pids(folder):  # a failed test's leftover, started by its servers
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def children(data_dir, tmp_path):
+    yield from children_fixture(tmp_path)
+
+
+def test_three_servers_start_exactly_one_worker_that_delivers_everything_and_stops_with_them(
+        children, collectors, data_dir):
+    backend = collectors()
+    env = alongside_env(data_dir, backend.url)
+    servers = [start_server(children, env) for _ in range(3)]
+    sent = get_me(servers, rounds=4)
+
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 90), (
+        f"{len(unique_messages(backend.accepted_messages()))} of {sent} events arrived; {worker_log(data_dir)}")
+    assert len(backend.accepted_messages()) == sent
+    assert len(worker_pids(data_dir)) == 1, "one worker process for the data folder, whatever the servers"
+    code, document, stderr = embedded_status(data_dir)
+    assert [worker["name"].split("@")[0] for worker in document["workers"]] == ["alongside"], (document, stderr)
+    assert code == 0, stderr
+    # More events, from each server, still through the one worker.
+    sent += get_me(servers, rounds=2)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 60)
+    assert len(worker_pids(data_dir)) == 1
+
+    stop_servers(servers)
+    assert wait_until(lambda: not worker_pids(data_dir), WORKER_GONE_TIMEOUT, interval=0.2), (
+        f"the worker outlived its servers: {worker_pids(data_dir)}")
+    assert lock_is_free(data_dir / "broker" / "worker-alongside.lock")
+    assert lock_is_free(data_dir / "broker" / "workers.lock")
+    assert "Warm shutdown" in worker_log(data_dir)
+
+
+def test_gunicorn_preload_with_three_children_means_one_worker(children, collectors, data_dir):
+    from tests.support import WRAPPED_APP_MODULE
+
+    backend = collectors()
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "--preload", "-k", "uvicorn.workers.UvicornWorker", "-w", "3",
+            "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", f"{WRAPPED_APP_MODULE}:app"]
+    # The master fires one event at import: it holds the servers' lock, and its children inherit it.
+    server = children.server(argv, port, alongside_env(data_dir, backend.url) | {"RT_FIRE_AT_IMPORT": "1"})
+    served_by: set[str] = set()
+
+    def every_child_served() -> bool:
+        for _ in range(20):
+            status, headers, _ = http_request(port, "GET", "/api/me", AUTH)
+            assert status == 200
+            served_by.add(headers["x-served-by"])
+        return len(served_by) >= 3
+
+    assert wait_until(every_child_served, timeout=60, interval=0), served_by
+    assert backend.wait_for(lambda b: {m["event"] for m in b.accepted_messages()} >= {"UserInfoRequested",
+                                                                                   "LogRecordsRequested"}, 90)
+    assert len(worker_pids(data_dir)) == 1
+
+    server.stop()
+    assert wait_until(lambda: not worker_pids(data_dir), WORKER_GONE_TIMEOUT, interval=0.2)
+    assert lock_is_free(data_dir / "broker" / "worker-alongside.lock")
+
+
+def test_events_still_queued_when_the_servers_stop_are_delivered_at_the_next_start(children, collectors, data_dir):
+    outage = {"on": True}
+    backend = collectors(responder=lambda path, body: (503, {}) if outage["on"] else (200, {}))
+    env = alongside_env(data_dir, backend.url)
+    servers = [start_server(children, env) for _ in range(2)]
+    sent = get_me(servers, rounds=3)
+    # The worker has tried (and failed) by then; its retries wait in the messages it holds.
+    assert backend.wait_for(lambda b: len(b.requests) >= 2, 60), "no worker tried to deliver"
+
+    stop_servers(servers)
+    assert wait_until(lambda: not worker_pids(data_dir), WORKER_GONE_TIMEOUT, interval=0.2)
+    _, document, _ = embedded_status(data_dir)
+    assert document["queue"]["depth"] >= 1 and document["queue"]["unacked"] == 0, (
+        f"what the stopped worker held went back to the queue: {document['queue']}")
+    assert backend.accepted_messages() == []
+
+    outage["on"] = False
+    server = start_server(children, env)
+    # Its first event starts its publisher thread, which starts the worker.
+    sent += get_me([server], rounds=1)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 90), (
+        f"{len(unique_messages(backend.accepted_messages()))} of {sent} events arrived; {worker_log(data_dir)}")
+    assert len(backend.accepted_messages()) == sent, "an event was delivered twice"
+    stop_servers([server])
+    assert wait_until(lambda: not worker_pids(data_dir), WORKER_GONE_TIMEOUT, interval=0.2)
+
+
+def test_switched_off_a_server_starts_no_worker_and_its_events_wait(collectors, data_dir):
+    backend = collectors()
+    env = alongside_env(data_dir, backend.url, RUBRIX_TELEMETRY_EMBEDDED_WORKER="0")
+    report, _ = run_hook_client(env, 30)
+    assert report["stats"]["published"] == 30
+    # A worker would have been spawned from the publisher thread, before the events were flushed.
+    assert not (data_dir / "worker-alongside.log").exists()
+    assert worker_pids(data_dir) == []
+    _, document, _ = embedded_status(data_dir)
+    assert document["queue"]["depth"] >= 1 and document["workers"] == []
+    assert backend.requests == []
+
+
+def test_on_redis_a_server_never_starts_a_worker(redis_server, collectors, data_dir):
+    backend = collectors()
+    queue = f"alongside-redis-{os.getpid()}"
+    env = alongside_env(data_dir, backend.url, RUBRIX_TELEMETRY_BROKER_URL=redis_server.url,
+                        RUBRIX_TELEMETRY_QUEUE=queue)
+    try:
+        report, _ = run_hook_client(env, 30)
+        assert report["stats"]["published"] == 30
+        assert redis_server.client().llen(queue) >= 1, "the events wait in Redis"
+        assert not (data_dir / "worker-alongside.log").exists()
+        assert not (data_dir / "broker").exists()
+        assert worker_pids(data_dir) == []
+    finally:
+        redis_server.client().delete(queue)
+
+
+def test_a_worker_already_running_means_none_is_started(children, collectors, data_dir):
+    backend = collectors()
+    operators = children.worker("telemetry", backend.url, embedded_data_dir=data_dir)
+    env = alongside_env(data_dir, backend.url)
+    report, _ = run_hook_client(env, 30)
+    assert report["stats"]["published"] == 30
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= 30, 60)
+    assert not (data_dir / "worker-alongside.log").exists()
+    assert worker_pids(data_dir) == [operators.process.pid]
+
+
+def test_a_server_killed_by_sigkill_still_lets_its_worker_stop(children, collectors, data_dir):
+    backend = collectors()
+    server = start_server(children, alongside_env(data_dir, backend.url))
+    sent = get_me([server], rounds=3)
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 90), worker_log(data_dir)
+    assert len(worker_pids(data_dir)) == 1
+
+    server.stop(signal.SIGKILL)  # no exit handler runs: the kernel drops the server's lock
+    assert wait_until(lambda: not worker_pids(data_dir), WORKER_GONE_TIMEOUT, interval=0.2)
+    assert lock_is_free(data_dir / "broker" / "worker-alongside.lock")
