@@ -267,7 +267,9 @@ def run_soak(broker_url: str, plan: Plan, folder: Path, broker_pid: int | None =
     logs.mkdir(parents=True, exist_ok=True)
     sink = SoakSink()
     env = telemetry_env(folder / "data", RUBRIX_TELEMETRY_BROKER_URL=broker_url,
-                        RUBRIX_TELEMETRY_ENDPOINT=sink.url, RUBRIX_TELEMETRY_KEY=WRITE_KEY, **plan.settings())
+                        RUBRIX_TELEMETRY_ENDPOINT=sink.url, RUBRIX_TELEMETRY_KEY=WRITE_KEY,
+                        # The soak's own three workers, and no fourth alongside its servers.
+                        RUBRIX_TELEMETRY_EMBEDDED_WORKER="0", **plan.settings())
     workers: list[dict[str, Any]] = []  # {"child", "started", "cpu_s", "killed"}
     servers: list[Child] = []
     broker_cpu_before = cpu_seconds(broker_pid) if broker_pid else None
