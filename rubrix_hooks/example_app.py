@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rubrix_hooks.telemetry import shutdown_async, track_bulk, track_error, track_login
+from rubrix_hooks.telemetry import shutdown_async, startup, track_bulk, track_error, track_login
 
 API_KEY = "rubrix.apikey"
 DEFAULT_USER = "rubrix"
@@ -99,6 +99,7 @@ async def rubrix_error_handler(request: Request, error: Exception) -> JSONRespon
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    startup()  # the worker alongside, on the embedded queue: queued events go out before any request
     yield
     await shutdown_async()  # see rubrix_hooks.telemetry.shutdown: atexit is not reached on SIGTERM
 

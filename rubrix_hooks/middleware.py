@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 
 from telemetry_core.contract import (DEFAULT_USERNAME, LOG_RECORDS_REQUESTED, SERVER_ERROR_FOUND, USER_INFO_REQUESTED,
                                    raw_text)
-from rubrix_hooks.telemetry import record, settings, shutdown_async
+from rubrix_hooks.telemetry import record, settings, shutdown_async, startup
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,11 +75,14 @@ class TelemetryMiddleware:
 
 
 def _flush_before_shutdown_completes(send: Send) -> Send:
-    """The buffer goes to the broker before the server is told it may exit (see telemetry.shutdown)."""
+    """The buffer goes to the broker before the server is told it may exit (see telemetry.shutdown);
+    at start, `telemetry.startup` (the worker alongside, on the embedded queue)."""
 
     async def lifespan_send(message: Message) -> None:
         if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
             await shutdown_async()
+        elif message.get("type") == "lifespan.startup.complete":
+            startup()
         await send(message)
 
     return lifespan_send

@@ -45,6 +45,8 @@ def patch_rubrix() -> None:
     app = importlib.import_module(RUBRIX_APP_MODULE).app
     if telemetry.shutdown_async not in app.router.on_shutdown:
         app.router.on_shutdown.append(telemetry.shutdown_async)
+    if telemetry.startup not in app.router.on_startup:
+        app.router.on_startup.append(telemetry.startup)  # the worker alongside, on the embedded queue
 
 
 def is_patched() -> bool:

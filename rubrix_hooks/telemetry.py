@@ -22,6 +22,7 @@ from telemetry_core.contract import (
     timestamp_us,
 )
 from rubrix_hooks.publisher import Publisher
+from telemetry_core.brokers import broker_for
 from telemetry_core.settings import Settings, load_settings, report_switch_error
 
 log = logging.getLogger("rubrix_hooks.telemetry")
@@ -136,6 +137,16 @@ def flush(timeout: float = 5.0) -> bool:
     if _publisher is None:
         return True
     return _publisher.flush(timeout)
+
+
+def startup() -> None:
+    """At server start (the ASGI lifespan's startup): what the broker runs beside a server
+    starts now rather than at the first event. On the embedded queue that is the worker
+    alongside, so events left queued by an earlier run go out without waiting for a request.
+    Never raises, never waits. `TelemetryMiddleware`, `patch_rubrix()` and the example app
+    call it."""
+    if settings.enabled:
+        broker_for(settings).start_worker_alongside()
 
 
 def shutdown(timeout: float | None = None) -> None:
