@@ -201,9 +201,10 @@ def _as_json(status: Status) -> str:
                            if key not in ("queue_depth", "unacked", "queue_error", "counts", "counts_error",
                                           "backlog", "max_backlog", "backlog_counted_by")},
                 "queue": {"name": status.queue, "depth": status.broker.queue_depth,
-                          "unacked": status.broker.unacked, "error": status.broker.queue_error,
-                          "backlog": status.broker.backlog, "max_backlog": status.broker.max_backlog,
-                          "backlog_counted_by": status.broker.backlog_counted_by},
+                          "unacked": status.broker.unacked, "error": status.broker.queue_error},
+                # In events, against RUBRIX_TELEMETRY_MAX_BACKLOG (the same keys as `preview`'s).
+                "backlog": {"events": status.broker.backlog, "max": status.broker.max_backlog,
+                            "counted_by": status.broker.backlog_counted_by},
                 "endpoint": status.endpoint, "write_key_set": status.write_key_set,
                 "counts": status.broker.counts, "counts_error": status.broker.counts_error,
                 "workers": status.workers}

@@ -143,8 +143,8 @@ def test_with_no_worker_the_backlog_stops_at_its_bound_and_a_worker_delivers_exa
     assert report["stderr"].count("telemetry: dropped") == 1  # one line a minute at most
 
     code, document, _ = status_json(**settings)
-    assert document["queue"]["max_backlog"] == MAX_BACKLOG
-    assert document["queue"]["backlog"] >= MAX_BACKLOG
+    assert document["backlog"]["max"] == MAX_BACKLOG and document["backlog"]["events"] >= MAX_BACKLOG
+    assert code == 1 and any("the backlog is at its bound" in problem for problem in document["problems"])
     if place.keeps_counts:  # RabbitMQ keeps no values: the server's drops are in its stats() only
         assert document["counts"]["dropped"] == {"backlog_full": FIRED - len(waiting_ids)}
 
