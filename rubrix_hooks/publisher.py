@@ -10,7 +10,14 @@ time when the broker is down (celery/celery#4296, #4556, #6911).
 
 A batch that cannot be published is kept and tried again with a growing pause, so a
 broker blip loses nothing; meanwhile new events queue in the buffer, and those beyond
-its bound are dropped and counted. The thread is restarted lazily in a forked child
+its bound are dropped and counted.
+
+Before every publish the thread asks the broker for its backlog (`Broker.backlog`, in
+events); at RUBRIX_TELEMETRY_MAX_BACKLOG the batch is dropped and counted as BACKLOG_FULL,
+and the next batch asks again, so publishing resumes as soon as workers make room. Asked
+each time, never cached: one server process overshoots the bound by one task message at
+most. The server's drops are also added to the deployment's counts where the broker keeps
+them (`Broker.counts_store`), from this thread, every COUNTS_WRITE_INTERVAL at most. The thread is restarted lazily in a forked child
 (`os.register_at_fork`) and the buffer is flushed at interpreter exit with a bounded wait.
 """
 
@@ -37,6 +44,7 @@ from telemetry_core.contract import (
 from telemetry_core.platform_info import platform_info
 from telemetry_core.brokers import broker_for
 from telemetry_core.brokers.base import PublishUnconfirmed, QueueMisconfigured
+from telemetry_core.counts import DROPPED_PREFIX
 from telemetry_core.settings import Settings, broker_transport_options, error_text
 
 __all__ = ["CeleryBatchSender", "Publisher", "PublishUnconfirmed"]
@@ -54,6 +62,10 @@ MAX_PUBLISH_PAUSE = 30.0
 # At most one warning about dropped events per this many seconds: a broker outage under
 # load would otherwise write a log line per request.
 DROP_WARNING_INTERVAL = 60.0
+# The reason for events dropped because the broker's backlog is at RUBRIX_TELEMETRY_MAX_BACKLOG.
+BACKLOG_FULL = "backlog_full"
+# Seconds between two writes of this process's drops to the deployment's counts, at most.
+COUNTS_WRITE_INTERVAL = 5.0
 
 
 class CeleryBatchSender:
@@ -99,7 +111,7 @@ class CeleryBatchSender:
         try:
             self._app.send_task(DELIVER_TASK_NAME, args=(), kwargs=kwargs, queue=self._queue, retry=False,
                                 producer=self._producer, argsrepr="()", kwargsrepr=message.describe(kwargs),
-                                **self._bounds)
+                                headers=message.events_header(len(kwargs["events"])), **self._bounds)
         except Exception as error:
             # A fresh connection for the next attempt: this one may be blocked, half-written
             # or hold a confirm that arrives late (and would be taken for the next one's).
@@ -134,6 +146,8 @@ class Publisher:
         self._settings = settings
         self._make_sender = make_sender or (lambda: CeleryBatchSender(settings))
         self._capacity = settings.buffer_size
+        self._broker = broker_for(settings)  # cheap: connects to nothing until asked
+        self._counts_lock = threading.Lock()  # the publisher thread, and close() at exit
         self._reset()
         _live_publishers.add(self)
 
@@ -158,6 +172,10 @@ class Publisher:
         self._failures = 0
         self._last_drop_warning = -DROP_WARNING_INTERVAL  # the first drops are reported at once
         self._dropped_reported = 0
+        self._backlog_drops_reported = 0
+        # Drops already added to the deployment's counts (`Broker.counts_store`), and when.
+        self._dropped_written: collections.Counter[str] = collections.Counter()
+        self._next_counts_write = 0.0
 
     # -- request path ---------------------------------------------------------------
     def has_room(self) -> bool:
@@ -208,6 +226,7 @@ class Publisher:
             self._in_hand, self._in_hand_count = None, 0
             self.dropped["shutdown_timeout"] += left
             log.warning("telemetry: %d events could not reach the broker before exit and were dropped", left)
+        self._write_drop_counts(force=True)
 
     # -- publishing thread -----------------------------------------------------------
     def _start(self) -> None:
@@ -233,6 +252,7 @@ class Publisher:
             try:
                 self._publish_all(drain)
                 self._report_drops()
+                self._write_drop_counts()
             except Exception:  # never let the thread die: the server would silently stop reporting
                 log.exception("telemetry: unexpected error in the publisher")
             with self._idle:
@@ -301,6 +321,10 @@ class Publisher:
                     if not taken:
                         return
                     continue
+            if not self._broker_has_room():
+                self.dropped[BACKLOG_FULL] += self._in_hand_count
+                self._in_hand, self._in_hand_count = None, 0
+                continue  # the next batch asks again: workers may have made room meanwhile
             try:
                 with _fork_guard:
                     self._ensure_sender()(self._in_hand)
@@ -322,6 +346,41 @@ class Publisher:
             self.published += self._in_hand_count
             self._in_hand, self._in_hand_count = None, 0
 
+    def _broker_has_room(self) -> bool:
+        """Whether the broker's backlog is below RUBRIX_TELEMETRY_MAX_BACKLOG, asked now (never a
+        cached figure: the overshoot stays within one task message per process). A broker that
+        cannot tell, or does not answer, gets the publish: its failure is handled there."""
+        bound = self._settings.max_backlog
+        try:
+            backlog = self._broker.backlog(self._settings.publish_timeout, under=bound)
+        except Exception as error:  # noqa: BLE001
+            log.debug("telemetry: could not read the broker's backlog: %r", error)
+            return True
+        return backlog is None or backlog < bound
+
+    def _write_drop_counts(self, force: bool = False) -> None:
+        """Adds this process's new drops to the deployment's counts where the broker keeps them,
+        every COUNTS_WRITE_INTERVAL at most (`force`: now, at exit). One try, bounded by the
+        publish timeout; what is not written is tried again next time."""
+        if not self._broker.keeps_counts or (not force and time.monotonic() < self._next_counts_write):
+            return
+        with self._counts_lock:
+            self._next_counts_write = time.monotonic() + COUNTS_WRITE_INTERVAL
+            new = collections.Counter(dict(self.dropped))  # one C call: request threads may add meanwhile
+            new.subtract(self._dropped_written)
+            increments = {DROPPED_PREFIX + reason: n for reason, n in new.items() if n > 0}
+            if not increments:
+                return
+            try:
+                store = self._broker.counts_store(self._settings.publish_timeout)
+                if store is None:
+                    return
+                store.add(increments)
+            except Exception as error:  # noqa: BLE001 (bookkeeping: the events are counted in stats())
+                log.debug("telemetry: could not add the drops to the broker's counts yet: %r", error)
+                return
+            self._dropped_written.update({reason: n for reason, n in new.items() if n > 0})
+
     def count_drop(self, reason: str) -> None:
         """Counts one dropped event. On the request path during an outage (every event is
         dropped then), so only a counter: the publisher thread reports drops (`_report_drops`)."""
@@ -333,13 +392,17 @@ class Publisher:
         total = sum(counts.values())
         now = time.monotonic()
         if total > self._dropped_reported and now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
+            at_bound = (f"; the broker's backlog is at RUBRIX_TELEMETRY_MAX_BACKLOG={self._settings.max_backlog} "
+                        "events (is a worker running?)"
+                        if counts.get(BACKLOG_FULL, 0) > self._backlog_drops_reported else "")
             log.warning(
-                "telemetry: dropped %d events since the last report (%s); the server is not affected",
+                "telemetry: dropped %d events since the last report (%s); the server is not affected%s",
                 total - self._dropped_reported,
-                ", ".join(f"{why}: {n}" for why, n in counts.items()),
+                ", ".join(f"{why}: {n}" for why, n in counts.items()), at_bound,
             )
             self._last_drop_warning = now
             self._dropped_reported = total
+            self._backlog_drops_reported = counts.get(BACKLOG_FULL, 0)
 
 
 _live_publishers: "weakref.WeakSet[Publisher]" = weakref.WeakSet()

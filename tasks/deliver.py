@@ -236,6 +236,7 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             kwargs=retry_kwargs,
             kwargsrepr=message.describe(retry_kwargs) if retry_kwargs.get("format") == message.FORMAT else None,
             countdown=countdown,
+            headers=message.events_header(len(outcome.retry)),  # the backlog counts only what is retried
             exc=DeliveryFailed(f"{outcome.retry_reason}; {len(outcome.retry)} events retry in {countdown:.1f}s"),
             throw=False,
         )

@@ -18,6 +18,11 @@ counter, and its property values in the contract's order (`contract.EVENT_FIELDS
 first encodes it, kept across re-publishes, worker retries and redelivery. A worker's retry
 re-sends the failed events in the same format with `"first_attempt_at"` added.
 
+Every message of this release also carries the header EVENTS_HEADER: how many events it
+holds (a retry: only the failed ones), so that a broker can count its backlog in events
+without reading the bodies (`Broker.backlog`). A message without it (an older release's)
+counts as `events_per_task` events.
+
 Format 1 (release 0.1.0): args `[events]`, each `{"event", "messageId", "timestamp"
 (ISO-8601), "properties"}`, no platform data; kwargs `{}` or `{"first_attempt_at": t}`.
 """
@@ -44,6 +49,9 @@ from telemetry_core.contract import (
 
 FORMAT = 2
 SUPPORTED_FORMATS = (1, 2)
+# The task message header holding its number of events. Plain ASCII without quotes or
+# spaces: the Redis broker finds it in the raw message JSON with a Lua pattern.
+EVENTS_HEADER = "rubrix_telemetry_events"
 
 WireEvent = list  # [event, timestamp_us, sequence, *values]
 Event = dict  # Segment's shape: event, messageId, timestamp (ISO-8601), properties
@@ -56,6 +64,19 @@ def encode(platform: Mapping[str, str], id_prefix: str, events: list[WireEvent],
     if first_attempt_at is not None:
         kwargs["first_attempt_at"] = first_attempt_at
     return kwargs
+
+
+def events_header(count: int) -> dict[str, int]:
+    """The headers of a task message carrying `count` events (Celery's `headers=`)."""
+    return {EVENTS_HEADER: count}
+
+
+def header_events(headers: Mapping[str, Any] | None, default: int) -> int:
+    """The events a message's headers say it carries; `default` when they say nothing usable."""
+    value = (headers or {}).get(EVENTS_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return default
 
 
 def describe(kwargs: Mapping[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 Preview only reads: it creates neither the installation id nor the embedded queue's
 folders (a worker does, when it delivers), so it does not import the worker's app. On Redis
-and RabbitMQ it reads the deployment id the workers send from the broker.
+and RabbitMQ it reads the deployment id the workers send from the broker. It also shows the
+broker's backlog against RUBRIX_TELEMETRY_MAX_BACKLOG, as a server's publisher checks it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from telemetry_core.contract import (
     new_message_id_prefix,
     timestamp_us,
 )
+from telemetry_core.brokers import broker_for
 from telemetry_core.platform_info import platform_info
 from telemetry_core.settings import Settings
 from tasks.installation_id import stored_deployment_id, stored_installation_id
@@ -44,6 +46,24 @@ def example_messages(anonymous_id: str) -> list[dict[str, Any]]:
     return [segment_message(event, batch.platform, anonymous_id) for event in batch.events]
 
 
+# Seconds preview waits for the broker's backlog.
+BACKLOG_TIMEOUT = 2.0
+
+
+def backlog(settings: Settings) -> dict[str, Any]:
+    """The broker's backlog against its bound, as a server's publisher sees it; only reads (no
+    folder or queue is created), and says what it could not read instead of failing."""
+    broker = broker_for(settings)
+    shown: dict[str, Any] = {"events": None, "max": settings.max_backlog, "counted_by": broker.backlog_method()}
+    if not settings.enabled:
+        return {**shown, "error": "telemetry is off: the broker was not asked"}
+    try:
+        shown["events"] = broker.backlog(BACKLOG_TIMEOUT)
+    except Exception as error:  # noqa: BLE001 (a preview says what it could not read, it does not fail)
+        shown["error"] = f"the broker could not be read ({type(error).__name__})"
+    return shown
+
+
 def preview(settings: Settings) -> dict[str, Any]:
     deployment_id, read_from = stored_deployment_id(settings)
     return {
@@ -57,4 +77,6 @@ def preview(settings: Settings) -> dict[str, Any]:
         # This machine's, as its server sends them with every task message.
         "platform": platform_info(),
         "examples": example_messages(deployment_id or ID_NOT_CREATED_YET),
+        # What waits in the broker, in events, against RUBRIX_TELEMETRY_MAX_BACKLOG.
+        "backlog": backlog(settings),
     }

@@ -85,6 +85,9 @@ class BrokerReport:
     queue_depth: int | None = None  # messages waiting in the telemetry queue
     unacked: int | None = None  # Redis, embedded: messages workers hold (in delivery or awaiting a retry)
     queue_error: str | None = None  # RabbitMQ: the queue exists with another type than configured
+    backlog: int | None = None  # events waiting for delivery (`Broker.backlog`), against max_backlog
+    max_backlog: int | None = None  # RUBRIX_TELEMETRY_MAX_BACKLOG, as this shell has it
+    backlog_counted_by: str | None = None  # how the broker counts it (an estimate on RabbitMQ)
     counts: dict[str, Any] | None = None
     counts_error: str | None = None
 
@@ -92,18 +95,22 @@ class BrokerReport:
 def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerReport:
     """Asks the broker, giving up after `timeout` seconds whatever it is stuck on."""
     url = settings.broker_url_or_default
-    report = BrokerReport(url=masked_url(url))
     broker = broker_for(settings)
+    report = BrokerReport(url=masked_url(url), max_backlog=settings.max_backlog,
+                          backlog_counted_by=broker.backlog_method())
 
     def probe() -> None:
         state = broker.queue_state(timeout)  # raises when the broker does not answer
         report.answers = True
         report.queue_depth, report.unacked, report.queue_error = state.depth, state.held, state.problem
+        if state.problem is None:
+            report.backlog = broker.backlog(timeout)
         report.counts = counters.read_counts(settings, timeout)
 
     finished, _, error = _within(timeout, "status-broker", probe)
     if not finished:
-        return BrokerReport(url=report.url, error=f"no answer within {timeout:g}s")
+        return BrokerReport(url=report.url, error=f"no answer within {timeout:g}s", max_backlog=report.max_backlog,
+                            backlog_counted_by=report.backlog_counted_by)
     if isinstance(error, counters.CountsUnavailable):
         report.counts_error = str(error)
     elif error is not None:
@@ -175,6 +182,10 @@ def collect_status(settings: Settings, bounds: CheckBounds = STATUS_BOUNDS) -> S
             status.problems.append(
                 f"no worker consumes the queue {settings.queue!r} on {status.broker.url}: start one "
                 f"(celery -A tasks worker -Q {settings.queue} -E -l INFO) with the same RUBRIX_TELEMETRY_BROKER_URL")
+        backlog, bound = status.broker.backlog, settings.max_backlog
+        if backlog is not None and backlog >= bound:
+            status.problems.append(f"the backlog is at its bound ({backlog} of RUBRIX_TELEMETRY_MAX_BACKLOG={bound} "
+                                   "events): servers drop new events until workers make room")
         status.problems.extend(f"worker {worker['name']} cannot deliver: {worker['problem']}"
                                for worker in status.consuming if worker.get("problem"))
         status.problems.extend(filter(None, (_failed_delivery(worker) for worker in status.consuming
@@ -203,9 +214,13 @@ def _as_json(status: Status) -> str:
     document = {"healthy": status.healthy, "problems": status.problems,
                 "telemetry": {"enabled": status.telemetry_enabled, "decided_by": status.decided_by},
                 "broker": {key: value for key, value in asdict(status.broker).items()
-                           if key not in ("queue_depth", "unacked", "queue_error", "counts", "counts_error")},
+                           if key not in ("queue_depth", "unacked", "queue_error", "counts", "counts_error",
+                                          "backlog", "max_backlog", "backlog_counted_by")},
                 "queue": {"name": status.queue, "depth": status.broker.queue_depth,
                           "unacked": status.broker.unacked, "error": status.broker.queue_error},
+                # In events, against RUBRIX_TELEMETRY_MAX_BACKLOG (the same keys as `preview`'s).
+                "backlog": {"events": status.broker.backlog, "max": status.broker.max_backlog,
+                            "counted_by": status.broker.backlog_counted_by},
                 "endpoint": status.endpoint, "write_key_set": status.write_key_set,
                 "counts": status.broker.counts, "counts_error": status.broker.counts_error,
                 "workers": status.workers}
@@ -238,6 +253,9 @@ def _as_text(status: Status) -> str:
     if broker.queue_depth is not None:
         held = f", {broker.unacked} held by workers" if broker.unacked is not None else ""
         lines.append(f"queue:      {status.queue}: {broker.queue_depth} waiting{held}")
+    if broker.backlog is not None:
+        lines.append(f"backlog:    {broker.backlog} of {broker.max_backlog} events (RUBRIX_TELEMETRY_MAX_BACKLOG); "
+                     f"counted by {broker.backlog_counted_by}")
     if broker.answers:
         lines.append(f"workers:    {len(status.consuming)} consuming {status.queue!r}, "
                      f"{len(status.workers)} answering in all")

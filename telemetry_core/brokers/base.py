@@ -154,12 +154,25 @@ class Broker:
             connection.ensure_connection(max_retries=1)
         return QueueState()
 
-    def backlog(self, timeout: float) -> int | None:
-        """Task messages that wait for delivery: queued, and held by workers (being delivered or
-        waiting for a retry); None where the broker cannot tell. What "Bounded footprint"
-        bounds; a broker module overrides it where it can count better than `queue_state`."""
+    def backlog(self, timeout: float, under: int | None = None) -> int | None:
+        """EVENTS that wait for delivery: queued, and held by workers (being delivered or waiting
+        for a retry); None where the broker cannot tell. What RUBRIX_TELEMETRY_MAX_BACKLOG bounds.
+
+        Each task message counts the events its header says (`message.EVENTS_HEADER`); one
+        without it (an older release's) counts as `events_per_task`. With `under` (the
+        publisher's check before each publish), a broker may answer any figure below `under`
+        once a cheap look shows the backlog is below it; otherwise the figure is its best.
+        Raises when the broker does not answer. Here, for a broker we have no module for: the
+        messages `queue_state` sees, each counted as `events_per_task` (an upper bound).
+        """
         state = self.queue_state(timeout)
-        return None if state.depth is None else state.depth + (state.held or 0)
+        if state.depth is None:
+            return None
+        return (state.depth + (state.held or 0)) * self.settings.events_per_task
+
+    def backlog_method(self) -> str:
+        """How `backlog` counts on this broker, in a few words (`status`, `preview`)."""
+        return "task messages times RUBRIX_TELEMETRY_EVENTS_PER_TASK (an upper bound)"
 
     def no_counts_reason(self) -> str:
         return f"no counts kept on {self.scheme}:// brokers"

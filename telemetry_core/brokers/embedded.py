@@ -28,7 +28,9 @@ only the broadcasts of that moment.
 Every move is a rename inside the data folder: atomic, so exactly one consumer takes each
 message, and no file is written anywhere else. Message files keep kombu's names
 (`<ms>_<uuid>.<queue>.msg`), so a returned message sorts before newer ones and `status`
-counts the queue as before. POSIX only (fcntl), as is the rest of the data folder's locking.
+counts the queue as before; a task message carrying `message.EVENTS_HEADER` gets its event
+count after the uuid (`<ms>_<uuid>_<events>.<queue>.msg`), so that the backlog is counted in
+events from the folders' listings alone, never by reading a file. POSIX only (fcntl), as is the rest of the data folder's locking.
 
 The URL `embedded://` names this transport; `register()` makes kombu know it, in every
 process that connects (`EmbeddedBroker.transport_options` calls it). The delivery counts and
@@ -58,6 +60,7 @@ from kombu.utils.json import dumps, loads
 from telemetry_core.brokers import alongside
 from telemetry_core.brokers.base import Broker, QueueState
 from telemetry_core.counts import FileCounts
+from telemetry_core.message import EVENTS_HEADER
 from telemetry_core.settings import EMBEDDED_SCHEME, Settings
 
 log = logging.getLogger("telemetry_core.brokers.embedded")
@@ -292,6 +295,20 @@ def expire_broadcasts(channel: filesystem.Channel, control_ttl: float, event_ttl
     return stale
 
 
+def _events_suffix(payload: Any) -> str:
+    """`_<events>` for a task message whose header says how many events it carries, else ''."""
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    events = headers.get(EVENTS_HEADER) if isinstance(headers, dict) else None
+    return f"_{events}" if isinstance(events, int) and not isinstance(events, bool) and events >= 0 else ""
+
+
+def events_in_name(name: str, default: int) -> int:
+    """The events a message file's name says it carries (`<ms>_<uuid>_<events>.<queue>.msg`);
+    `default` for a name without the count (kombu's, or an older release's)."""
+    parts = name.partition(".")[0].split("_")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else default
+
+
 class Channel(filesystem.Channel):
     """The filesystem channel, taking messages by rename into this process's unacked folder."""
 
@@ -366,7 +383,7 @@ class Channel(filesystem.Channel):
         disk (a crash must not leave a renamed but empty file) and renamed into place:
         kombu's name and ordering are kept.
         """
-        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}{_events_suffix(payload)}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = os.path.join(self.data_folder_out, f".{name}{PARTIAL_SUFFIX}")
         data = memoryview(str_to_bytes(dumps(payload)))
@@ -528,7 +545,9 @@ class EmbeddedBroker(Broker):
         # kombu's default polling interval (1 s) would add up to a second to each answer.
         return {"polling_interval": POLLING_INTERVAL}
 
-    def queue_state(self, timeout: float) -> QueueState:
+    def _message_names(self) -> tuple[list[str], list[str]]:
+        """The names of the telemetry queue's messages: (waiting, held by workers); raises when
+        the queue's folder does not exist yet or cannot be used."""
         folders = broker_folders(self.settings)
         if not folders["queue"].is_dir():
             raise FileNotFoundError(f"the embedded queue {folders['queue']} does not exist yet: "
@@ -539,11 +558,26 @@ class EmbeddedBroker(Broker):
         # message keeps its name in its worker's folder `unacked/<pid>-<random>/` until the ack
         # deletes it (or it goes back to the queue when its worker dies).
         ours = f"{self.settings.queue}.msg"
-        depth = sum(1 for name in os.listdir(folders["queue"]) if name.partition(".")[2] == ours)
+        waiting = [name for name in os.listdir(folders["queue"]) if name.partition(".")[2] == ours]
         unacked = folders["unacked"]
         held_folders = [folder for folder in unacked.iterdir() if folder.is_dir()] if unacked.is_dir() else []
-        held = sum(1 for folder in held_folders for name in _names_in(folder) if name.partition(".")[2] == ours)
-        return QueueState(depth=depth, held=held)
+        held = [name for folder in held_folders for name in _names_in(folder) if name.partition(".")[2] == ours]
+        return waiting, held
+
+    def queue_state(self, timeout: float) -> QueueState:
+        waiting, held = self._message_names()
+        return QueueState(depth=len(waiting), held=len(held))
+
+    def backlog(self, timeout: float, under: int | None = None) -> int | None:
+        # Exact for this release's messages, from the listings alone (the count is in the name).
+        if not broker_folders(self.settings)["queue"].is_dir():
+            return 0  # nothing has started on this data folder yet: nothing waits
+        waiting, held = self._message_names()
+        default = self.settings.events_per_task
+        return sum(events_in_name(name, default) for names in (waiting, held) for name in names)
+
+    def backlog_method(self) -> str:
+        return "the event count in each message file's name (queue and unacked folders)"
 
     def counts_store(self, timeout: float) -> FileCounts:
         return FileCounts(self.settings.data_dir)

@@ -2,6 +2,14 @@
 and its depth; publisher confirms; and the deployment id, kept in a stream of the vhost.
 RabbitMQ stores no values, so each worker keeps its delivery counts in its own data folder.
 
+The backlog can only be estimated here: a passive declare tells the messages ready in the
+queue, not the events they carry (reading a header means consuming the message), nor the
+messages workers hold. `RabbitMQBroker.backlog` counts each ready message as
+`events_per_task` events: an upper bound on what is queued, blind to what workers hold.
+RabbitMQ's own bound (`x-max-length-bytes`, `x-overflow: reject-publish`) is not declared:
+it counts bytes, not events, and a queue argument is fixed at the first declare (the README,
+Brokers, says why, and how an operator can add it as a policy).
+
 Server, workers and `status` declare the queue alike, with `RUBRIX_TELEMETRY_QUEUE_TYPE`
 (`x-queue-type`). RabbitMQ refuses to re-declare an existing queue with another type
 (PRECONDITION_FAILED, "inequivalent arg 'x-queue-type'"); `mismatch_message` turns that
@@ -12,6 +20,7 @@ server that never publishes never loads it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import time
@@ -117,6 +126,36 @@ def queue_depth(settings: Settings, timeout: float) -> int:
         # whether its type is the one configured.
         _declare(connection, settings)
         return int(depth)
+
+
+# This process's connection for the publisher's backlog check, before every publish: one
+# connection per process (never shared across a fork), opened again after any error.
+_backlog_channels: dict[tuple[int, str], tuple[Any, Any]] = {}
+
+
+def ready_messages(settings: Settings, timeout: float) -> int:
+    """Task messages ready in the queue (0 when it does not exist yet), by a passive declare on
+    this process's own connection; raises when the broker does not answer."""
+    from amqp.exceptions import NotFound
+
+    key = (os.getpid(), settings.broker_url_or_default)
+    connection, channel = _backlog_channels.pop(key, (None, None))
+    try:
+        if connection is None:
+            connection = _connection(settings, timeout)
+        if channel is None:
+            channel = connection.channel()
+        try:
+            _, ready, _ = channel.queue_declare(settings.queue, passive=True)
+        except NotFound:
+            channel = None  # the broker closed it: a fresh one for the next look
+            ready = 0
+    except Exception:
+        if connection is not None:
+            connection.collect()  # drops the socket without a closing handshake
+        raise
+    _backlog_channels[key] = (connection, channel)
+    return int(ready)
 
 
 def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> str:
@@ -275,6 +314,14 @@ class RabbitMQBroker(Broker):
             return QueueState(depth=queue_depth(self.settings, timeout))
         except QueueTypeMismatch as error:
             return QueueState(problem=str(error))
+
+    def backlog(self, timeout: float, under: int | None = None) -> int | None:
+        # An estimate (see the module's docstring): ready messages, each at its most events.
+        return ready_messages(self.settings, timeout) * self.settings.events_per_task
+
+    def backlog_method(self) -> str:
+        return ("an estimate: ready messages times RUBRIX_TELEMETRY_EVENTS_PER_TASK; messages workers hold "
+                "are not seen")
 
     def shared_deployment_id(self, offered: str, timeout: float) -> str:
         return shared_deployment_id(self.settings, offered, timeout)
