@@ -47,20 +47,43 @@ def last_json_line(done: subprocess.CompletedProcess[str], what: str) -> dict[st
     return json.loads(lines[-1])
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (a prefork parent and children)."""
+def _tree_kb(pid: int, file: str, field: str) -> int:
+    """A memory field (kB) of /proc/<pid>/<file>, summed over the process and all its descendants."""
     total_kb = 0
     pending = [pid]
     while pending:
         current = pending.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
+            text = Path(f"/proc/{current}/{file}").read_text()
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except OSError:
             continue
-        total_kb += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        total_kb += next((int(line.split()[1]) for line in text.splitlines() if line.startswith(field)), 0)
         pending.extend(int(child) for child in children)
-    return total_kb / 1024
+    return total_kb
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (a prefork parent and children)."""
+    return _tree_kb(pid, "status", "VmRSS:") / 1024
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size of a process and all its descendants (a prefork worker's main
+    process and its pool), from /proc/<pid>/smaps_rollup: shared pages are split between the
+    processes sharing them, so the sum is what the worker really costs the machine."""
+    return _tree_kb(pid, "smaps_rollup", "Pss:") / 1024
+
+
+def writable_out(out: Path, command: str) -> bool:
+    """Whether the JSON output file can be written (checked before a long run); one line if not."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+    except OSError as error:
+        print(f"{command}: cannot write --out {out}: {error.strerror}", file=sys.stderr)
+        return False
+    return True
 
 
 def cpu_seconds(pid: int) -> float:

@@ -25,26 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.infra import pss_mb, writable_out
+
 SAMPLE_EVERY = 5.0
 DRAIN_TIMEOUT = 900.0
-
-
-def pss_mb(pid: int) -> float:
-    """Proportional set size of a process and all its descendants (a prefork worker's main
-    process and its pool), from /proc/<pid>/smaps_rollup: shared pages are split between the
-    processes sharing them, so the sum is what the worker really costs the machine."""
-    total_kb = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        total_kb += next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
-        pending.extend(int(child) for child in children)
-    return total_kb / 1024
 
 
 def _status(env: dict[str, str]) -> dict[str, Any]:
@@ -174,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if minutes <= 0 or args.rate <= 0:
         parser.error("--minutes and --rate must be positive")
     out = args.out or Path(tempfile.gettempdir()) / "rubrix-outage.json"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.touch()
-    except OSError as error:
-        print(f"python -m bench.outage: cannot write --out {out}: {error.strerror}", file=sys.stderr)
+    if not writable_out(out, "python -m bench.outage"):
         return 1
     with tempfile.TemporaryDirectory(prefix="rubrix-outage-") as workdir:
         logs = args.logs or Path(workdir)

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.infra import Child, Redis, cpu_seconds, last_json_line, start_worker, telemetry_env
+from bench.infra import Child, Redis, cpu_seconds, last_json_line, start_worker, telemetry_env, writable_out
 from bench.payload import WRITE_KEY
 from bench.sink import ANSWER, Sink
 from bench.soak_server import RECORDS_STRIDE, event_of
@@ -454,11 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rate and --seconds must be positive")
     out = args.out or Path(tempfile.gettempdir()) / f"rubrix-soak-{args.broker}.json"
     plan = Plan(rate=args.rate, seconds=args.seconds)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.touch()
-    except OSError as error:
-        print(f"python -m bench.soak: cannot write --out {out}: {error.strerror}", file=sys.stderr)
+    if not writable_out(out, "python -m bench.soak"):
         return 1
     where = machine()
     try:

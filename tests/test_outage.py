@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bench.outage import pss_mb
+from bench.infra import pss_mb
 from tests.support import (RedisServer, WorkerProcess, child_environment, free_port, publish_events, run_hook_client,
                            status_json, unique_messages, wait_until)
 
