@@ -118,6 +118,7 @@ def broker(request, tmp_path) -> Iterator[tuple[BrokerUnderTest, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.load  # 30,000 events per broker: on one Python only
 def test_with_no_worker_the_backlog_stops_at_its_bound_and_a_worker_delivers_exactly_what_waited(
         broker, children, collectors):
     place, queue = broker

@@ -391,6 +391,7 @@ COLLECTOR_RSS_GROWTH_BOUND_KIB = 16 * 1024
 
 
 @pytest.mark.slow
+@pytest.mark.load  # 400 batches of 500 messages: on one Python only
 def test_collector_command_stays_flat_in_memory_and_keeps_every_message_in_its_file(tmp_path):
     import http.client
 

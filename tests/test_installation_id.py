@@ -20,6 +20,7 @@ from tests.support import REPO_ROOT, child_environment
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.load,  # 2000 trials of a race: on one Python only
     pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
                        reason="needs unshare(1) and root for pid namespaces"),
 ]
