@@ -69,7 +69,13 @@ def _embedded(tmp_path: Path, queue: str) -> BrokerUnderTest:
 
     def read() -> list[list[str]]:
         files = [path for folder in ("queue", "unacked") for path in (data / "broker" / folder).rglob(f"*.{queue}.msg")]
-        return [_from_kombu_payload(path.read_bytes()) for path in files]
+        messages = []
+        for path in files:  # a worker may take or acknowledge a file between the listing and the read
+            try:
+                messages.append(_from_kombu_payload(path.read_bytes()))
+            except FileNotFoundError:
+                continue
+        return messages
 
     return BrokerUnderTest({"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(data)}, read, True)
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -117,8 +117,9 @@ def test_hostile_producer_executes_nothing_forwards_nothing_and_worker_keeps_run
     worker = children.worker(QUEUE, collector.url)
 
     huge = "x" * 300_000 + CANARY  # past the header limit: what is kept must not reach the canary
+    # A time zone of its own, and recent: an event older than RUBRIX_TELEMETRY_MAX_EVENT_AGE expires.
     kept_huge = valid_event(properties={"task": "TokenClassification", "records": 1},
-                            timestamp="2022-06-01T10:00:00+02:00")
+                            timestamp=datetime.now(timezone(timedelta(hours=2))).isoformat())
     truncated = valid_event(event="ServerErrorFound", properties={"code": "rubrix.api.errors::X",
                                                                   "user-agent": huge, "accept-language": "es"})
     smuggler = valid_event()
