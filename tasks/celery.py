@@ -89,8 +89,8 @@ class BackendBreaker:
     11 KB each, outside the prefetch limit): 20,000 waiting messages took a worker from 100 to
     338 MB, and after the backend returned each retry cost a POST of its own. Instead, the
     first failure cancels the worker's task queues: the backlog stays in the broker, untouched,
-    and only the few messages already taken are retried. After a pause (the retry's countdown,
-    which honours Retry-After, and at least the backoff for this many pauses in a row) the
+    and only the few messages already taken are retried. After a pause (the backoff for this many
+    pauses in a row, at most a minute, and never before a 429's Retry-After) the
     worker consumes again: its next delivery is the probe. A failure pauses it again, for
     longer; once deliveries succeed the backlog drains at the normal speed.
 

@@ -27,7 +27,25 @@ log = logging.getLogger("tasks.deliver")
 
 
 class DeliveryFailed(Exception):
-    """The backend could not take the events this time; the task is retried."""
+    """The backend could not take the events this time; the task is retried. `retry_after` is
+    the backend's Retry-After, when it sent one (kept in `args`: it crosses from the pool's
+    process to the worker's main one, where the breaker reads it)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.args[1] if len(self.args) > 1 else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# The longest a worker waits before probing a failing backend again: a probe is one POST, and
+# once the backend answers the backlog starts draining within this long, however long the outage.
+PROBE_INTERVAL_MAX = 60.0
 
 
 # The reason events too old to deliver are counted under (`status`, the metrics exporter).
@@ -114,11 +132,16 @@ class CheckedRequest(Request):
     def on_retry(self, exc_info: Any) -> None:
         super().on_retry(exc_info)
         retry = exc_info.exception
-        countdown = retry.when if isinstance(retry, Retry) and isinstance(retry.when, (int, float)) else 0.0
-        # The retry's own countdown (it honours Retry-After), and at least the backoff for
-        # this many pauses in a row: a backend down for long is probed ever less often.
-        pause = max(countdown, retry_countdown(backend_breaker.pauses_in_a_row(), None, settings))
-        backend_breaker.backend_failed(pause)
+        failed = getattr(retry, "exc", None) if isinstance(retry, Retry) else None
+        retry_after = failed.retry_after if isinstance(failed, DeliveryFailed) else None
+        backend_breaker.backend_failed(probe_pause(backend_breaker.pauses_in_a_row(), retry_after, settings))
+
+
+def probe_pause(pauses: int, retry_after: float | None, settings: Settings) -> float:
+    """How long a worker takes no work after a failed delivery: the backoff for this many pauses
+    in a row (a backend down for long is probed ever less often), at most PROBE_INTERVAL_MAX,
+    and never before the backend's Retry-After."""
+    return max(min(PROBE_INTERVAL_MAX, retry_countdown(pauses, None, settings)), retry_after or 0.0)
 
 
 def retry_countdown(retries: int, retry_after: float | None, settings: Settings) -> float:
@@ -237,7 +260,8 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             kwargsrepr=message.describe(retry_kwargs) if retry_kwargs.get("format") == message.FORMAT else None,
             countdown=countdown,
             headers=message.events_header(len(outcome.retry)),  # the backlog counts only what is retried
-            exc=DeliveryFailed(f"{outcome.retry_reason}; {len(outcome.retry)} events retry in {countdown:.1f}s"),
+            exc=DeliveryFailed(f"{outcome.retry_reason}; {len(outcome.retry)} events retry in {countdown:.1f}s",
+                               outcome.retry_after),
             throw=False,
         )
     except Reject as refused:

@@ -130,3 +130,17 @@ def test_a_worker_paused_by_a_failing_backend_still_consumes_its_queue_in_status
         assert any("HTTP 503" in problem for problem in status["problems"]), status["problems"]
     finally:
         worker.stop()
+
+
+def test_a_failing_backend_is_probed_at_least_once_a_minute_and_never_before_its_retry_after():
+    # After a long outage the backlog must start draining soon after the backend returns: the
+    # pause between two probes grows with the outage, but never past a minute (BACKOFF_MAX, 600 s
+    # by default, bounds each message's own retry countdown, not the worker's probing).
+    from tasks.deliver import PROBE_INTERVAL_MAX, probe_pause
+    from telemetry_core.settings import load_settings
+
+    settings = load_settings({"RUBRIX_TELEMETRY_BACKOFF_BASE": "2", "RUBRIX_TELEMETRY_BACKOFF_MAX": "600"})
+    pauses = [probe_pause(n, None, settings) for n in range(14)]
+    assert 1 <= pauses[0] <= 2 and pauses[-1] >= PROBE_INTERVAL_MAX / 2
+    assert max(pauses) <= PROBE_INTERVAL_MAX == 60
+    assert probe_pause(14, 300.0, settings) == 300.0  # a 429's Retry-After is honoured
