@@ -66,6 +66,10 @@ DROP_WARNING_INTERVAL = 60.0
 BACKLOG_FULL = "backlog_full"
 # Seconds between two writes of this process's drops to the deployment's counts, at most.
 COUNTS_WRITE_INTERVAL = 5.0
+# Once the broker said its backlog is at the bound, batches are dropped without asking again
+# for this long: counting a full queue can mean reading every message's header (Redis), and
+# a server at the bound would otherwise ask at every batch. Dropping while unsure never overshoots.
+FULL_BACKLOG_RECHECK = 1.0
 
 
 class CeleryBatchSender:
@@ -173,6 +177,7 @@ class Publisher:
         self._last_drop_warning = -DROP_WARNING_INTERVAL  # the first drops are reported at once
         self._dropped_reported = 0
         self._backlog_drops_reported = 0
+        self._backlog_full_until = 0.0  # monotonic time until which the bound is taken as reached
         # Drops already added to the deployment's counts (`Broker.counts_store`), and when.
         self._dropped_written: collections.Counter[str] = collections.Counter()
         self._next_counts_write = 0.0
@@ -347,16 +352,22 @@ class Publisher:
             self._in_hand, self._in_hand_count = None, 0
 
     def _broker_has_room(self) -> bool:
-        """Whether the broker's backlog is below RUBRIX_TELEMETRY_MAX_BACKLOG, asked now (never a
-        cached figure: the overshoot stays within one task message per process). A broker that
+        """Whether the broker's backlog is below RUBRIX_TELEMETRY_MAX_BACKLOG, asked now (room is
+        never taken from a cached figure: the overshoot stays within one task message per process;
+        only "full" is kept, for FULL_BACKLOG_RECHECK). A broker that
         cannot tell, or does not answer, gets the publish: its failure is handled there."""
         bound = self._settings.max_backlog
+        if time.monotonic() < self._backlog_full_until:
+            return False
         try:
             backlog = self._broker.backlog(self._settings.publish_timeout, under=bound)
         except Exception as error:  # noqa: BLE001
             log.debug("telemetry: could not read the broker's backlog: %r", error)
             return True
-        return backlog is None or backlog < bound
+        if backlog is None or backlog < bound:
+            return True
+        self._backlog_full_until = time.monotonic() + FULL_BACKLOG_RECHECK
+        return False
 
     def _write_drop_counts(self, force: bool = False) -> None:
         """Adds this process's new drops to the deployment's counts where the broker keeps them,
