@@ -66,6 +66,18 @@ DROP_WARNING_INTERVAL = 60.0
 BACKLOG_FULL = "backlog_full"
 # Seconds between two writes of this process's drops to the deployment's counts, at most.
 COUNTS_WRITE_INTERVAL = 5.0
+# The reasons of the server's own making, named as they are in the deployment's counts too.
+SERVER_REASONS = frozenset({"buffer_full", "hook_error", "shutdown_timeout", BACKLOG_FULL})
+# Any other server drop is an event the contract refused at the hook's end: in the deployment's
+# counts it is told apart from the worker's refusals (`invalid: <rule>`).
+SERVER_INVALID_PREFIX = "invalid in the server: "
+
+
+def deployment_reason(reason: str) -> str:
+    """A drop reason of `stats()` as the deployment's counts (and `status`, the metrics) name it."""
+    return reason if reason in SERVER_REASONS else SERVER_INVALID_PREFIX + reason
+
+
 # Once the broker said its backlog is at the bound, batches are dropped without asking again
 # for this long: counting a full queue can mean reading every message's header (Redis), and
 # a server at the bound would otherwise ask at every batch. Dropping while unsure never overshoots.
@@ -379,7 +391,7 @@ class Publisher:
             self._next_counts_write = time.monotonic() + COUNTS_WRITE_INTERVAL
             new = collections.Counter(dict(self.dropped))  # one C call: request threads may add meanwhile
             new.subtract(self._dropped_written)
-            increments = {DROPPED_PREFIX + reason: n for reason, n in new.items() if n > 0}
+            increments = {DROPPED_PREFIX + deployment_reason(reason): n for reason, n in new.items() if n > 0}
             if not increments:
                 return
             try:

@@ -162,7 +162,7 @@ _EXACT_REASONS = {
 }
 _REASON_PATTERNS = (  # tried in order: the first that matches names the label
     (re.compile(r"HTTP 4\d\d"), "refused"),
-    (re.compile(r"invalid: "), "invalid"),
+    (re.compile(r"invalid(?: in the server)?: "), "invalid"),
     (re.compile(r"rejected message \(|unknown message format "), "rejected"),
     (re.compile(r"gave up after |.*expired"), "expired"),
     (re.compile(r".*backlog"), "backlog"),

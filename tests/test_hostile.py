@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rubrix_hooks import flush, stats, track_bulk, track_error, track_login
+from rubrix_hooks.publisher import SERVER_INVALID_PREFIX, SERVER_REASONS
 from telemetry_core.contract import EVENT_KEYS, RUBRIX_TASKS, validate_event
 from telemetry_core import message
 from telemetry_core.platform_info import PLATFORM_KEYS, platform_info
@@ -244,7 +245,9 @@ def counting_worker_drops():
     before = counters.read_counts(settings_)["dropped"]
 
     def dropped_since() -> dict[str, int]:
-        now = counters.read_counts(settings_)["dropped"]
+        # The worker's drops only: the server adds its own to the same counts, under its reasons.
+        now = {reason: n for reason, n in counters.read_counts(settings_)["dropped"].items()
+               if reason not in SERVER_REASONS and not reason.startswith(SERVER_INVALID_PREFIX)}
         return {reason: n - before.get(reason, 0) for reason, n in now.items() if n > before.get(reason, 0)}
 
     return dropped_since

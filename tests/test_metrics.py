@@ -184,7 +184,8 @@ def test_a_scrape_with_the_broker_down_answers_within_its_bound(broker, children
 def test_drop_reasons_map_to_a_small_fixed_set():
     reasons = {
         "HTTP 400": "refused", "HTTP 404": "refused",
-        "invalid: records must be an int >= 0": "invalid", "not a list of events": "invalid",
+        "invalid: records must be an int >= 0": "invalid", "invalid in the server: task is not a Rubrix task": "invalid",
+        "not a list of events": "invalid",
         "unknown message format 7": "rejected", "rejected message (ContentDisallowed)": "rejected",
         "rejected message (unregistered task)": "rejected",
         "telemetry off (DO_NOT_TRACK)": "telemetry_off", "RUBRIX_TELEMETRY_KEY not set": "no_write_key",
