@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from typing import Any, Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -25,9 +24,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from telemetry_core.brokers import broker_for
 from telemetry_core.counts import DROP_REASON_LABELS, drop_reason_label
-from telemetry_core.settings import Settings, masked_url, without_password
+from telemetry_core.settings import Settings, masked_url
 from telemetry_ops.status import CHECKS_BUDGET, STATUS_TIMEOUT, WORKER_REPLY_WAIT, CheckBounds, Status, collect_status
 from tasks.remote_status import DELIVERED
 
@@ -59,27 +57,6 @@ def check_bounds(budget: float) -> CheckBounds:
     workers what is left."""
     return CheckBounds(broker=min(STATUS_TIMEOUT, budget / 2), total=budget,
                        reply_wait=min(WORKER_REPLY_WAIT, budget * 0.6), workers=budget, workers_at_least=0.0)
-
-
-class _Backlog:
-    """`Broker.backlog` in a daemon thread, run beside the status checks: a broker that hangs
-    holds the thread, never the scrape."""
-
-    def __init__(self, settings: Settings, timeout: float) -> None:
-        self.value: int | None = None
-        self._thread = threading.Thread(target=self._read, args=(settings, timeout), name="metrics-backlog",
-                                        daemon=True)
-        self._thread.start()
-
-    def _read(self, settings: Settings, timeout: float) -> None:
-        try:
-            self.value = broker_for(settings).backlog(timeout)
-        except Exception as error:  # noqa: BLE001 (a broker that does not answer is what we report)
-            log.debug("telemetry: no backlog: %s", without_password(str(error), settings.broker_url_or_default))
-
-    def result(self, timeout: float) -> int | None:
-        self._thread.join(max(0.0, timeout))
-        return None if self._thread.is_alive() else self.value
 
 
 def last_delivered_at(status: Status) -> float | None:
@@ -142,13 +119,11 @@ class DeploymentCollector:
         return []  # registering must not ask the broker
 
     def collect(self) -> Iterator[Metric]:
-        started = time.monotonic()
-        backlog = _Backlog(self.settings, min(STATUS_TIMEOUT, self.budget / 2))
+        # The backlog comes with the broker's answer (`status` counts it in the same bounded check).
         status = collect_status(self.settings, check_bounds(self.budget))
-        remaining = self.budget - (time.monotonic() - started)
         if self.on_broker is not None:
             self.on_broker(status)
-        yield from deployment_metrics(status, backlog.result(remaining) if status.broker.answers else None,
+        yield from deployment_metrics(status, status.broker.backlog if status.broker.answers else None,
                                       self.settings.max_backlog)
 
 
