@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 from telemetry_core.brokers import broker_for
 from telemetry_core.counts import add_counts
@@ -253,9 +254,13 @@ def _as_text(status: Status) -> str:
     if broker.queue_depth is not None:
         held = f", {broker.unacked} held by workers" if broker.unacked is not None else ""
         lines.append(f"queue:      {status.queue}: {broker.queue_depth} waiting{held}")
+    elif broker.answers and not broker.queue_error:  # a broker we have no module for: said, not left out
+        lines.append(f"queue:      {status.queue}: depth not reported by {urlsplit(broker.url).scheme}:// brokers")
     if broker.backlog is not None:
         lines.append(f"backlog:    {broker.backlog} of {broker.max_backlog} events (RUBRIX_TELEMETRY_MAX_BACKLOG); "
                      f"counted by {broker.backlog_counted_by}")
+    elif broker.answers and not broker.queue_error:
+        lines.append(f"backlog:    counted by {broker.backlog_counted_by}")
     if broker.answers:
         lines.append(f"workers:    {len(status.consuming)} consuming {status.queue!r}, "
                      f"{len(status.workers)} answering in all")

@@ -172,6 +172,9 @@ class Broker:
 
     def backlog_method(self) -> str:
         """How `backlog` counts on this broker, in a few words (`status`, `preview`)."""
+        if type(self).queue_state is Broker.queue_state:  # the fallback itself: no depth to count from
+            return (f"nothing: {self.scheme}:// brokers report no queue depth to rubrix-telemetry, "
+                    "so RUBRIX_TELEMETRY_MAX_BACKLOG is not enforced")
         return "task messages times RUBRIX_TELEMETRY_EVENTS_PER_TASK (an upper bound)"
 
     def no_counts_reason(self) -> str:
