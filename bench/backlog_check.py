@@ -26,7 +26,6 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -36,7 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.infra import REPO_ROOT
+from bench.infra import REPO_ROOT, writable_out
+from bench.stats import p50_p99
 from telemetry_core.brokers import broker_for
 from telemetry_core.settings import Settings, load_settings
 from tests.support import RedisServer, free_port, publish_events
@@ -61,8 +61,9 @@ def timed(check: Callable[[], Any], checks: int) -> dict[str, float]:
         check()
         cpu.append((time.process_time() - c) * 1e6)
         wall.append((time.perf_counter() - w) * 1e6)
-    return {"cpu_us_mean": round(statistics.fmean(cpu), 1), "wall_us_p50": round(statistics.median(wall), 1),
-            "wall_us_p99": round(sorted(wall)[int(0.99 * (len(wall) - 1))], 1)}
+    spread = p50_p99(wall)
+    return {"cpu_us_mean": round(statistics.fmean(cpu), 1), "wall_us_p50": round(spread["p50"], 1),
+            "wall_us_p99": round(spread["p99"], 1)}
 
 
 def measure(name: str, settings: Settings, checks: int, waiting: int = WAITING_EVENTS,
@@ -94,10 +95,16 @@ def base_settings(folder: Path, **changes: Any) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.backlog_check", description=__doc__.split("\n\n")[0])
+    from telemetry_ops.cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m bench.backlog_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checks", type=int, default=2000, help="checks timed per broker (default 2000)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "backlog_check.json")
     args = parser.parse_args(argv)
+    if args.checks < 1:
+        parser.error("--checks must be at least 1")
+    if not writable_out(args.out, "python -m bench.backlog_check"):
+        return 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-backlog-") as temp:
         folder = Path(temp)

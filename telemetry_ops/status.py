@@ -251,15 +251,17 @@ def _as_text(status: Status) -> str:
         f"telemetry:  {'on' if status.telemetry_enabled else 'off'} (decided by {status.decided_by})",
         f"broker:     {broker.url} ({'answers' if broker.answers else 'does not answer: ' + str(broker.error)})",
     ]
+    # A broker that answers but reports no figure (one we have no module for) says so: not left out.
+    unreported = broker.answers and not broker.queue_error
     if broker.queue_depth is not None:
         held = f", {broker.unacked} held by workers" if broker.unacked is not None else ""
         lines.append(f"queue:      {status.queue}: {broker.queue_depth} waiting{held}")
-    elif broker.answers and not broker.queue_error:  # a broker we have no module for: said, not left out
+    elif unreported:
         lines.append(f"queue:      {status.queue}: depth not reported by {urlsplit(broker.url).scheme}:// brokers")
     if broker.backlog is not None:
         lines.append(f"backlog:    {broker.backlog} of {broker.max_backlog} events (RUBRIX_TELEMETRY_MAX_BACKLOG); "
                      f"counted by {broker.backlog_counted_by}")
-    elif broker.answers and not broker.queue_error:
+    elif unreported:
         lines.append(f"backlog:    counted by {broker.backlog_counted_by}")
     if broker.answers:
         lines.append(f"workers:    {len(status.consuming)} consuming {status.queue!r}, "
