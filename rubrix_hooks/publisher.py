@@ -13,7 +13,8 @@ broker blip loses nothing; meanwhile new events queue in the buffer, and those b
 its bound are dropped and counted.
 
 Before every publish the thread asks the broker for its backlog (`Broker.backlog`, in
-events); at RUBRIX_TELEMETRY_MAX_BACKLOG the batch is dropped and counted as BACKLOG_FULL,
+events, and `Broker.backlog_bytes`); at RUBRIX_TELEMETRY_MAX_BACKLOG events or
+RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES bytes the batch is dropped and counted as BACKLOG_FULL,
 and the next batch asks again, so publishing resumes as soon as workers make room. Asked
 each time, never cached: one server process overshoots the bound by one task message at
 most. The server's drops are also added to the deployment's counts where the broker keeps
@@ -190,6 +191,7 @@ class Publisher:
         self._dropped_reported = 0
         self._backlog_drops_reported = 0
         self._backlog_full_until = 0.0  # monotonic time until which the bound is taken as reached
+        self._bound_reached: str | None = None  # which bound the broker's backlog last reached
         # Drops already added to the deployment's counts (`Broker.counts_store`), and when.
         self._dropped_written: collections.Counter[str] = collections.Counter()
         self._next_counts_write = 0.0
@@ -360,23 +362,32 @@ class Publisher:
             if self._failures:
                 log.info("telemetry: the broker answers again")
             self._failures = 0
+            self._broker.message_published(self._in_hand_count)  # a running count, where the broker keeps one
             self.published += self._in_hand_count
             self._in_hand, self._in_hand_count = None, 0
 
     def _broker_has_room(self) -> bool:
-        """Whether the broker's backlog is below RUBRIX_TELEMETRY_MAX_BACKLOG, asked now (room is
-        never taken from a cached figure: the overshoot stays within one task message per process;
-        only "full" is kept, for FULL_BACKLOG_RECHECK). A broker that
-        cannot tell, or does not answer, gets the publish: its failure is handled there."""
-        bound = self._settings.max_backlog
+        """Whether the broker's backlog is below RUBRIX_TELEMETRY_MAX_BACKLOG events and
+        RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES bytes, asked now (room is never taken from a cached
+        figure: the overshoot stays within one task message per process; only "full" is kept,
+        for FULL_BACKLOG_RECHECK). A broker that cannot tell, or does not answer, gets the
+        publish: its failure is handled there."""
+        settings = self._settings
         if time.monotonic() < self._backlog_full_until:
             return False
         try:
-            backlog = self._broker.backlog(self._settings.publish_timeout, under=bound)
+            events = self._broker.backlog(settings.publish_timeout, under=settings.max_backlog)
+            at_bound = self._bound_reached = (
+                f"RUBRIX_TELEMETRY_MAX_BACKLOG={settings.max_backlog} events"
+                if events is not None and events >= settings.max_backlog else None)
+            if at_bound is None:
+                size = self._broker.backlog_bytes(settings.publish_timeout)
+                if size is not None and size >= settings.max_backlog_bytes:
+                    at_bound = self._bound_reached = f"RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES={settings.max_backlog_bytes} bytes"
         except Exception as error:  # noqa: BLE001
             log.debug("telemetry: could not read the broker's backlog: %r", error)
             return True
-        if backlog is None or backlog < bound:
+        if at_bound is None:
             return True
         self._backlog_full_until = time.monotonic() + FULL_BACKLOG_RECHECK
         return False
@@ -415,8 +426,7 @@ class Publisher:
         total = sum(counts.values())
         now = time.monotonic()
         if total > self._dropped_reported and now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
-            at_bound = (f"; the broker's backlog is at RUBRIX_TELEMETRY_MAX_BACKLOG={self._settings.max_backlog} "
-                        "events (is a worker running?)"
+            at_bound = (f"; the broker's backlog is at {self._bound_reached or 'its bound'} (is a worker running?)"
                         if counts.get(BACKLOG_FULL, 0) > self._backlog_drops_reported else "")
             log.warning(
                 "telemetry: dropped %d events since the last report (%s); the server is not affected%s",

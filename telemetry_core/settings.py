@@ -54,6 +54,9 @@ class Settings:
     # The most events that may wait in the broker (queued, held by workers, waiting for a
     # retry); beyond it a server drops new events and counts them.
     max_backlog: int
+    # The most bytes the broker may hold for them, as it accounts for them (brokers that can
+    # tell: `Broker.backlog_bytes`); beyond it a server drops new events too.
+    max_backlog_bytes: int
     # Seconds after its hook fired when an event is no longer delivered (dropped, `expired`).
     max_event_age: float
     visibility_timeout: float
@@ -228,6 +231,11 @@ def _bool(raw: str) -> bool:
 # Events waiting in the broker at most. An event takes about 100 bytes in a task message
 # (format 2), so the bound keeps the broker's share to about 10 MB.
 DEFAULT_MAX_BACKLOG = 100_000
+# Bytes the broker may hold for the waiting messages. A quiet server sends one event per task
+# message, and a message costs a broker about 1.7 KB whatever it carries: without this bound,
+# 100,000 such events took 197 MB of Redis. 40 MiB keeps more than 20,000 of them (a quiet
+# server's events of weeks), and the broker's share under 64 MB.
+DEFAULT_MAX_BACKLOG_BYTES = 40 << 20
 MAX_EVENT_AGE_VARIABLE = "RUBRIX_TELEMETRY_MAX_EVENT_AGE"
 DEPRECATED_MAX_RETRY_DURATION = "RUBRIX_TELEMETRY_MAX_RETRY_DURATION"
 _reported_deprecations: set[str] = set()
@@ -283,6 +291,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backoff_max=_seconds(env, "RUBRIX_TELEMETRY_BACKOFF_MAX", 600.0),
         max_backlog=_read(env, "RUBRIX_TELEMETRY_MAX_BACKLOG", DEFAULT_MAX_BACKLOG, _positive_int,
                           "a positive integer"),
+        max_backlog_bytes=_read(env, "RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES", DEFAULT_MAX_BACKLOG_BYTES, _positive_int,
+                                "a positive integer (bytes)"),
         max_event_age=_max_event_age(env),
         visibility_timeout=_seconds(env, "RUBRIX_TELEMETRY_VISIBILITY_TIMEOUT", 3600.0),
         http_timeout=_seconds(env, "RUBRIX_TELEMETRY_HTTP_TIMEOUT", 10.0),

@@ -170,6 +170,22 @@ class Broker:
             return None
         return (state.depth + (state.held or 0)) * self.settings.events_per_task
 
+    def backlog_bytes(self, timeout: float) -> int | None:
+        """BYTES the broker holds for the waiting messages (queued, and held by workers), as the
+        broker itself accounts for them; None where it cannot tell (then only the events are
+        bounded). What RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES bounds. Costs the same whatever waits.
+        Raises when the broker does not answer."""
+        return None
+
+    def message_published(self, events: int) -> None:
+        """Called once the broker has taken a task message of `events` events (a server's publish,
+        or a worker's retry), so that a broker keeping a running count adds them. Never raises:
+        a count this misses is found by the broker's recount."""
+
+    def message_settled(self, events: int) -> None:
+        """Called by a worker once a message it took (carrying `events` events, as its header said)
+        is settled for good: delivered, dropped, or replaced by its retry. Never raises."""
+
     def backlog_method(self) -> str:
         """How `backlog` counts on this broker, in a few words (`status`, `preview`)."""
         if type(self).queue_state is Broker.queue_state:  # the fallback itself: no depth to count from
