@@ -233,6 +233,8 @@ def _spawn(settings: Settings, alongside_fd: int) -> subprocess.Popen[bytes]:
     data_dir = os.path.abspath(settings.data_dir)
     env = {**os.environ, ALONGSIDE_LOG_VARIABLE: str(path), "RUBRIX_TELEMETRY_DATA_DIR": data_dir,
            "PYTHONPATH": worker_pythonpath(os.getcwd(), os.environ.get("PYTHONPATH", ""), package_root())}
+    if not env["PYTHONPATH"]:
+        del env["PYTHONPATH"]
     try:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
