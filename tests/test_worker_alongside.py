@@ -20,7 +20,7 @@ import pytest
 from rubrix_hooks.example_app import API_KEY
 from tests.support import (Children, child_environment, children_fixture, free_port, http_request,
                            run_hook_client, status_json, unique_messages, wait_until)
-from tests.support import celery_workers_of as worker_pids
+from tests.support import celery_workers_of as worker_pids  # the worker processes serving a data folder
 
 pytestmark = pytest.mark.slow
 
@@ -237,7 +237,7 @@ FOREIGN_TASKS_MODULES = {
 }
 
 
-@pytest.mark.parametrize("source", FOREIGN_TASKS_MODULES.values(), ids=FOREIGN_TASKS_MODULES.keys())
+@pytest.mark.parametrize("source", list(FOREIGN_TASKS_MODULES.values()), ids=list(FOREIGN_TASKS_MODULES))
 def test_a_tasks_py_in_the_servers_working_folder_is_not_what_the_worker_alongside_runs(
         children, collectors, data_dir, tmp_path, source):
     # Children.server runs the server in <tmp_path>/app, also on its PYTHONPATH.
