@@ -40,12 +40,29 @@ _publisher: Publisher | None = None
 _publisher_lock = threading.Lock()
 
 
+_write_key_warned = False
+
+
+def _warn_when_workers_cannot_deliver() -> None:
+    """Once per process, as the server starts: the workers drop every event of a Segment
+    endpoint without a write key, and only their log and `status` would say so otherwise.
+    The server itself drops nothing: it publishes as usual (another environment's workers may
+    have the key)."""
+    global _write_key_warned
+    if settings.lacks_write_key and not _write_key_warned:
+        _write_key_warned = True
+        log.warning("telemetry: RUBRIX_TELEMETRY_KEY is not set: a worker with this server's environment (as "
+                    "the worker alongside it has) drops every event instead of sending it to %s; set the Segment "
+                    "write key where the workers run", settings.endpoint)
+
+
 def publisher() -> Publisher:
     """This process's publisher, created on first use."""
     global _publisher
     if _publisher is None:
         with _publisher_lock:
             if _publisher is None:
+                _warn_when_workers_cannot_deliver()  # a server without a lifespan starts here
                 _publisher = Publisher(settings)
     return _publisher
 
@@ -146,6 +163,7 @@ def startup() -> None:
     Never raises, never waits. `TelemetryMiddleware`, `patch_rubrix()` and the example app
     call it."""
     if settings.enabled:
+        _warn_when_workers_cannot_deliver()
         broker_for(settings).start_worker_alongside()
 
 

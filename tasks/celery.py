@@ -30,14 +30,28 @@ def _started_by_celery_command() -> bool:
     return click.get_current_context(silent=True) is not None
 
 
+def _stop_the_command(error: str) -> None:
+    """Celery's command line would print its usage banner and our traceback, and exit 2:
+    one line naming the cause and exit code 1 instead (a caller that imports the app, such
+    as `status`, gets the exception)."""
+    if _started_by_celery_command():
+        raise SystemExit(f"celery -A tasks: {error}") from None
+
+
 def _load_settings() -> Settings:
     try:
         return load_settings()
     except ConfigurationError as error:
-        if _started_by_celery_command():
-            # Celery's command line would print its usage banner and our traceback, and
-            # exit 2: one line naming the variable and exit code 1 instead.
-            raise SystemExit(f"celery -A tasks: configuration error: {error}") from None
+        _stop_the_command(f"configuration error: {error}")
+        raise
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    try:
+        return broker_transport_options(settings)
+    except OSError as error:  # the embedded queue makes its folders here: under a file, on /proc, ...
+        _stop_the_command(f"RUBRIX_TELEMETRY_DATA_DIR={settings.data_dir}: cannot make the queue's folders there "
+                          f"({error.filename}: {error.strerror})")
         raise
 
 
@@ -48,7 +62,7 @@ broker = broker_for(settings)
 app = Celery("tasks", include=["tasks.deliver"])
 app.conf.update(
     broker_url=settings.broker_url_or_default,
-    broker_transport_options=broker_transport_options(settings),
+    broker_transport_options=_transport_options(settings),
     broker_connection_retry_on_startup=True,
     # A worker must never unpickle a message it did not write itself.
     task_serializer="json",
@@ -208,7 +222,7 @@ def _announce(**_: object) -> None:
     elif delivery_problem(settings):
         log.error("telemetry: %s", delivery_problem(settings))
     else:
-        log.info("telemetry: delivering to %s from broker %s", settings.endpoint,
+        log.info("telemetry: delivering to %s from broker %s", masked_url(settings.endpoint),
                  masked_url(settings.broker_url_or_default))
 
 

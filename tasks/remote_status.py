@@ -44,7 +44,7 @@ def delivery_problem(settings: Settings) -> str | None:
     A worker switched off is not a problem: the operator asked for it. A malformed
     endpoint never gets this far (the settings refuse it at start).
     """
-    if settings.enabled and settings.is_segment and not settings.write_key:
+    if settings.lacks_write_key:
         return f"RUBRIX_TELEMETRY_KEY is not set: events are dropped, not sent to {settings.endpoint}"
     return None
 
@@ -122,7 +122,7 @@ def worker_report(settings: Settings, consumer: Any, hostname: str,
         # The queues it takes no work from until its next probe of the failing backend.
         "paused_queues": sorted(paused_queues or []),
         "telemetry": {"enabled": settings.enabled, "decided_by": settings.decided_by},
-        "endpoint": settings.endpoint,
+        "endpoint": masked_url(settings.endpoint),
         "write_key_set": bool(settings.write_key),
         "problem": delivery_problem(settings),
         "broker": masked_url(settings.broker_url_or_default),

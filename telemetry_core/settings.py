@@ -81,6 +81,12 @@ class Settings:
         host = urlsplit(self.endpoint).hostname or ""
         return host == "segment.io" or host.endswith((".segment.io", ".segment.com"))
 
+    @property
+    def lacks_write_key(self) -> bool:
+        """Telemetry is on, the endpoint is Segment's and there is no write key: Segment refuses
+        every batch, so a worker with these settings drops every event."""
+        return self.enabled and self.is_segment and not self.write_key
+
 
 class Switch(NamedTuple):
     enabled: bool
@@ -147,7 +153,9 @@ def _read(environ: Mapping[str, str], name: str, default: T, parse: Callable[[st
     try:
         return parse(raw.strip())
     except (ValueError, TypeError):
-        raise ConfigurationError(f"{name} must be {rule}, got {raw!r}") from None
+        password = _password_of(raw)  # a URL's password is never echoed
+        shown = raw.replace(password, "***") if password else raw
+        raise ConfigurationError(f"{name} must be {rule}, got {shown!r}") from None
 
 
 def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -173,6 +181,16 @@ def _http_url(raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError
     return raw.rstrip("/")
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """A user or password in the endpoint's URL would never be used: the workers sign in with
+    the write key as the user name (HTTP Basic), which overrides them. Refused, masked."""
+    parts = urlsplit(endpoint)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(f"RUBRIX_TELEMETRY_ENDPOINT={masked_url(endpoint)} has a user or password in it, "
+                                 "which would never be used (the workers sign in with RUBRIX_TELEMETRY_KEY as "
+                                 "the user name): take them out of the URL")
 
 
 def _broker_url(raw: str) -> str | None:
@@ -302,6 +320,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         embedded_worker=_read(env, "RUBRIX_TELEMETRY_EMBEDDED_WORKER", True, _bool,
                               f"{'/'.join(TRUE_VALUES)} or {'/'.join(FALSE_VALUES)}"),
     )
+    _check_endpoint(settings.endpoint)
     if settings.broker_url is not None:
         _check_broker_scheme(settings.broker_url)
     _check_transport_options(settings)
@@ -352,13 +371,17 @@ def without_password(text: str, url: str) -> str:
     """`text` on one line, with every password of the URL (or of each URL of a ';' list:
     kombu's failover list, Sentinel's nodes) masked: for an error's text in a log line."""
     for part in url.split(";"):
-        try:
-            password = urlsplit(part).password
-        except ValueError:  # a URL urllib cannot split holds no password it could find either
-            password = None
+        password = _password_of(part)
         if password:
             text = text.replace(password, "***")
     return " ".join(text.split())  # one line, whatever the library wrote
+
+
+def _password_of(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:  # a URL urllib cannot split holds no password it could find either
+        return None
 
 
 def error_text(error: BaseException, url: str) -> str:

@@ -196,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command(
         "demo", help="run the whole pipeline locally and print what leaves the server",
-        description="Starts a local collector, a Celery worker on the embedded on-disk queue and a server with "
-                    "the hooks (the real Rubrix when installed and its Elasticsearch answers, else the example "
-                    "app), sends five realistic requests (one event each), prints the events exactly as the "
-                    "collector received them, then stops everything.")
+        description="Starts a local collector and a server with the hooks (the real Rubrix when installed and its "
+                    "Elasticsearch answers, else the example app), which starts its Celery worker on the embedded "
+                    "on-disk queue as any server does, sends five realistic requests (one event each), prints "
+                    "the events exactly as the collector received them, then stops everything.")
     demo.add_argument("--server", choices=["auto", "rubrix", "example"], default="auto",
                       help="which server to run (default: %(default)s)")
     demo.add_argument("--port", type=port_number, default=DEFAULT_SERVER_PORT,

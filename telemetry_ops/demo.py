@@ -1,10 +1,12 @@
 """`rubrix-telemetry demo`: the whole pipeline on one machine, with nothing installed.
 
-A local collector (standing in for Segment), a Celery worker on the embedded on-disk
-queue, and a server with the hooks: the real Rubrix when it is installed and its
-Elasticsearch answers, otherwise the example app. It sends a few realistic requests,
-whose dataset names and record texts must never leave, then prints the events exactly
-as the collector received them.
+A local collector (standing in for Segment) and a server with the hooks: the real Rubrix
+when it is installed and its Elasticsearch answers, otherwise the example app. As any
+server on the embedded on-disk queue does, it starts the one Celery worker that delivers
+(the worker alongside, `telemetry_core/brokers/alongside.py`): the demo shows what a user's
+server does, with no worker of its own. It sends a few realistic requests, whose dataset
+names and record texts must never leave, then prints the events exactly as the collector
+received them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rubrix_hooks.server import listen_problem
-from telemetry_core.settings import Settings
+from telemetry_core.brokers.alongside import log_path as worker_log_path
+from telemetry_core.brokers.alongside import worker_alongside_runs
+from telemetry_core.settings import Settings, load_settings
 from telemetry_ops.collector import Collector
 
 log = logging.getLogger("rubrix-telemetry.demo")
@@ -162,29 +166,23 @@ def _run_demo(settings: Settings, server_kind: str, keep_running: bool, port: in
         log.info("collector (stands in for Segment) on %s, writing %s", collector.url, out)
 
         env = {**os.environ, "RUBRIX_TELEMETRY_DATA_DIR": str(workdir / "data"),
-               "RUBRIX_TELEMETRY_ENDPOINT": collector.url, "RUBRIX_TELEMETRY_FLUSH_INTERVAL": "0.1"}
+               "RUBRIX_TELEMETRY_ENDPOINT": collector.url, "RUBRIX_TELEMETRY_FLUSH_INTERVAL": "0.1",
+               # The server starts the worker, as a user's does (whatever this shell turned off).
+               "RUBRIX_TELEMETRY_EMBEDDED_WORKER": "1"}
         env.pop("RUBRIX_TELEMETRY_BROKER_URL", None)  # the embedded on-disk queue
         env.pop("PYTHONPATH", None)
-        worker_log = (workdir / "worker.log").open("wb")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", settings.queue, "--pool", "solo",
-             "--without-mingle", "--without-gossip", "-l", "INFO", "-n", "demo@%h"],
-            env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
-        stack.callback(_stop, worker)
+        server_settings = load_settings(env)
+        # Stopped after the server (the stack runs its callbacks last first): the worker stops
+        # once no server is left, and its folder must outlive it.
+        stack.callback(_wait_for_the_worker_to_stop, server_settings, timeout)
         server_args = ["server", "--port", str(port)] + ([] if use_rubrix else ["--example"])
-        # Both children in a session of their own: the terminal's signals (Ctrl-C, SIGHUP when
-        # it closes) reach the demo alone, which stops them in order; Celery's worker would
-        # re-execute itself on a SIGHUP of its own and outlive the demo.
+        # In a session of its own: the terminal's signals (Ctrl-C, SIGHUP when it closes) reach
+        # the demo alone, which stops the server; its worker stops with it (its own session too).
         server = subprocess.Popen([sys.executable, "-m", "telemetry_ops.cli", *server_args], env=env,
                                   start_new_session=True)
         stack.callback(_stop, server)
-        log.info("worker on the embedded queue in %s; %s server on http://127.0.0.1:%d",
-                 workdir / "data", "Rubrix" if use_rubrix else "example", port)
-
-        def worker_ready() -> bool:
-            if worker.poll() is not None:
-                raise DemoFailed(f"the worker exited: see {worker_log.name}")
-            return b" ready." in Path(worker_log.name).read_bytes()
+        log.info("%s server on http://127.0.0.1:%d, starting its worker on the queue in %s (its log: %s)",
+                 "Rubrix" if use_rubrix else "example", port, workdir / "data", worker_log_path(server_settings))
 
         base = f"http://127.0.0.1:{port}"
 
@@ -193,7 +191,6 @@ def _run_demo(settings: Settings, server_kind: str, keep_running: bool, port: in
                 raise DemoFailed(f"the server exited with code {server.returncode}")
             return _server_listens(port)
 
-        _wait(worker_ready, timeout, "the worker")
         _wait(server_ready, timeout, "the server")
         sent = send_requests(base)
         for what, status in sent:
@@ -205,7 +202,8 @@ def _run_demo(settings: Settings, server_kind: str, keep_running: bool, port: in
                   "messages.")
         else:
             # One event per request sent: the readiness check above fired none.
-            _wait(lambda: len(collector.accepted_messages()) >= len(sent), timeout, "the events at the collector")
+            _wait(lambda: len(collector.accepted_messages()) >= len(sent), timeout,
+                  f"the events at the collector (the worker's log: {worker_log_path(server_settings)})")
             time.sleep(0.5)
             received = out.read_text(encoding="utf-8")
             print("\nThe collector received, exactly as sent:")
@@ -217,11 +215,20 @@ def _run_demo(settings: Settings, server_kind: str, keep_running: bool, port: in
             print(f"\nStill running: server {base}, collector {collector.url} "
                   f"(messages appended to {out}). Ctrl-C (or SIGTERM) stops everything.", flush=True)
             try:
-                while server.poll() is None and worker.poll() is None:
+                while server.poll() is None:
                     time.sleep(0.5)
             except KeyboardInterrupt:
                 pass
     return 0
+
+
+def _wait_for_the_worker_to_stop(settings: Settings, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while worker_alongside_runs(settings):
+        if time.monotonic() > deadline:
+            log.warning("the worker alongside the server is still running after %.0fs", timeout)
+            return
+        time.sleep(0.1)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -22,7 +22,7 @@ from telemetry_core.contract import (
 )
 from telemetry_core.brokers import broker_for
 from telemetry_core.platform_info import platform_info
-from telemetry_core.settings import Settings
+from telemetry_core.settings import Settings, masked_url
 from tasks.installation_id import stored_deployment_id, stored_installation_id
 from tasks.segment import segment_message
 
@@ -69,7 +69,7 @@ def preview(settings: Settings) -> dict[str, Any]:
     return {
         "telemetry": "on" if settings.enabled else "off",
         "decided_by": settings.decided_by,
-        "endpoint": settings.endpoint,
+        "endpoint": masked_url(settings.endpoint),
         # This data folder's; the deployment's (the anonymousId sent) is the broker's on Redis and RabbitMQ.
         "installation_id": stored_installation_id(settings.data_dir),
         "deployment_id": deployment_id,

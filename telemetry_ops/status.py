@@ -163,12 +163,14 @@ class Status:
 def collect_status(settings: Settings, bounds: CheckBounds = STATUS_BOUNDS) -> Status:
     started = time.monotonic()
     status = Status(telemetry_enabled=settings.enabled, decided_by=settings.decided_by,
-                    endpoint=settings.endpoint, write_key_set=bool(settings.write_key),
+                    endpoint=masked_url(settings.endpoint), write_key_set=bool(settings.write_key),
                     queue=settings.queue, broker=probe_broker(settings, bounds.broker))
     if status.broker.answers:
         remaining = bounds.total - (time.monotonic() - started)
-        status.workers = ask_workers(settings, max(bounds.workers_at_least, min(bounds.workers, remaining)),
-                                     bounds.reply_wait)
+        workers = ask_workers(settings, max(bounds.workers_at_least, min(bounds.workers, remaining)), bounds.reply_wait)
+        # An older release's worker reports its endpoint as it is, password included.
+        status.workers = [{**worker, "endpoint": masked_url(worker["endpoint"])}
+                          if isinstance(worker.get("endpoint"), str) else worker for worker in workers]
         if not counters.keeps_counts(settings) and status.consuming:
             # A broker that stores no values: each worker counts in its data folder and says so.
             status.broker.counts = add_counts([worker.get("deliveries") or {} for worker in status.consuming])

@@ -196,6 +196,24 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
             process.wait()
 
 
+def celery_workers_of(data_dir: Path) -> list[int]:
+    """The Celery worker processes serving this data folder (the machine runs other tests' too)."""
+    wanted = f"RUBRIX_TELEMETRY_DATA_DIR={data_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"celery" not in b" ".join(argv) or b"worker" not in argv:
+                continue
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
 class WorkerProcess:
     """`celery -A tasks worker` as an operator runs it, in a child process; `command_prefix`
     runs it through a wrapper (`setpriv ...`, `sh -c 'umask 002 && exec "$@"' sh`)."""

@@ -86,11 +86,13 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
-def test_demo_stopped_by_a_signal_stops_its_worker_and_server_and_removes_its_folder(stop_signal):
+def test_demo_runs_one_worker_and_a_signal_stops_it_its_server_and_removes_its_folder(stop_signal):
+    from tests.support import celery_workers_of, status_json
+
     demo = subprocess.Popen([*COMMAND, "demo", "--server", "example", "--port", str(free_port()),
                              "--collector-port", str(free_port()), "--keep-running"],
-                            cwd=REPO_ROOT, env=child_environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            cwd=REPO_ROOT, env=child_environment(RUBRIX_TELEMETRY_EMBEDDED_WORKER=None),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     children: set[int] = set()
     try:
         still_running = ""
@@ -101,7 +103,12 @@ def test_demo_stopped_by_a_signal_stops_its_worker_and_server_and_removes_its_fo
         assert still_running, f"the demo exited with {demo.wait(timeout=30)} before it said so"
         folder = Path(re.search(r"messages appended to (\S+)\)", still_running)[1]).parent
         children = _descendants(demo.pid)
-        assert folder.is_dir() and len(children) >= 2, (folder, children)  # the worker and the server
+        assert folder.is_dir() and len(children) >= 2, (folder, children)  # the server and its worker
+        # One worker, the server's own (as a user's server starts it), and no second one of the demo's.
+        assert len(celery_workers_of(folder / "data")) == 1, celery_workers_of(folder / "data")
+        _, document, stderr = status_json(RUBRIX_TELEMETRY_BROKER_URL=None,
+                                          RUBRIX_TELEMETRY_DATA_DIR=str(folder / "data"))
+        assert [worker["name"].split("@")[0] for worker in document["workers"]] == ["alongside"], (document, stderr)
 
         demo.send_signal(stop_signal)
         assert demo.wait(timeout=60) is not None
@@ -178,6 +185,11 @@ WORKER = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", "teleme
     (WORKER, {"RUBRIX_TELEMETRY_BACKOFF_MAX": "7200"}, "RUBRIX_TELEMETRY_BACKOFF_MAX must be below"),
     (WORKER, {"RUBRIX_TELEMETRY_BROKER_URL": "foo://x"}, "RUBRIX_TELEMETRY_BROKER_URL has an unknown broker scheme"),
     (WORKER, {"RUBRIX_TELEMETRY_BUFFER_SIZE": "lots"}, "RUBRIX_TELEMETRY_BUFFER_SIZE must be a positive integer"),
+    # The embedded queue's folders cannot be made: under a file, or where nothing can be made.
+    (WORKER, {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(REPO_ROOT / "README.md" / "data")},
+     f"RUBRIX_TELEMETRY_DATA_DIR={REPO_ROOT / 'README.md' / 'data'}: cannot make the queue's folders there"),
+    (WORKER, {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": "/proc/rubrix-telemetry"},
+     "RUBRIX_TELEMETRY_DATA_DIR=/proc/rubrix-telemetry: cannot make the queue's folders there"),
 ], ids=lambda value: " ".join(value[-3:]) if isinstance(value, list) else None)
 def test_every_mistake_ends_in_one_line_and_exit_code_1(argv, env, cause):
     command = argv if argv[0] == sys.executable else [*COMMAND, *argv]
@@ -187,6 +199,21 @@ def test_every_mistake_ends_in_one_line_and_exit_code_1(argv, env, cause):
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert cause in done.stderr
     assert "Traceback" not in done.stderr and "Usage" not in done.stdout + done.stderr
+
+
+ENDPOINT_WITH_PASSWORD = "http://user:s3cret-endpoint@collector.example:6970"
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["preview"], ["server", "--example"], WORKER],
+                         ids=["status", "status --json", "preview", "server", "worker"])
+def test_a_password_in_the_endpoint_is_refused_in_one_line_and_never_printed(argv):
+    command = argv if argv[0] == sys.executable else [*COMMAND, *argv]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env=child_environment(RUBRIX_TELEMETRY_ENDPOINT=ENDPOINT_WITH_PASSWORD))
+    assert "s3cret-endpoint" not in done.stdout + done.stderr
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stdout + done.stderr
+    assert ("RUBRIX_TELEMETRY_ENDPOINT=http://user:***@collector.example:6970 has a user or password in it, "
+            "which would never be used") in done.stderr
 
 
 def test_collector_out_is_created_at_start(tmp_path):
@@ -290,6 +317,26 @@ def test_port_taken_ends_in_one_clear_line(command):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("rubrix-telemetry: ")
     assert str(port) in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_server_on_segment_without_a_write_key_warns_once_as_it_starts(tmp_path):
+    from tests.support import ServerProcess, http_request
+
+    port = free_port()
+    env = child_environment(RUBRIX_TELEMETRY_KEY=None, RUBRIX_TELEMETRY_ENDPOINT=None, RUBRIX_TELEMETRY_BROKER_URL=None,
+                            RUBRIX_TELEMETRY_DATA_DIR=str(tmp_path / "data"))
+    server = ServerProcess([*COMMAND, "server", "--example", "--port", str(port)], env, tmp_path / "server.log", port)
+    try:
+        server.wait_ready()
+        # An event too: the publisher, made for it in the request (a server without a lifespan
+        # warns there), says nothing more.
+        assert http_request(port, "GET", "/api/me", {"X-Rubrix-Api-Key": "rubrix.apikey"})[0] == 200
+    finally:
+        server.stop()
+    warnings = [line for line in server.log().splitlines() if "RUBRIX_TELEMETRY_KEY is not set" in line]
+    assert len(warnings) == 1 and " WARNING " in warnings[0], server.log()
+    assert "drops every event instead of sending it to https://api.segment.io" in warnings[0]
 
 
 def test_server_without_rubrix_says_how_to_install_it():

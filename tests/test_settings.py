@@ -100,7 +100,8 @@ def test_bad_value_stops_start_up_with_a_clear_error(command):
 @pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://h:6380/0?ssl_cert_reqs=required",
                                  "sentinel://h:26379", "amqp://guest@h//", "amqps://h//", "pyamqp://h//",
                                  "sqs://", "sqla+postgresql://u@h/db", "redis+socket:///run/redis.sock",
-                                 "filesystem://localhost//", "memory://"])
+                                 "redis+socket:///run/redis.sock?virtual_host=3", "filesystem://localhost//",
+                                 "memory://"])
 def test_every_broker_scheme_kombu_knows_is_accepted(url):
     # Sentinel needs its master's name as well (tested below).
     options = {"RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS": '{"master_name": "mymaster"}'}
@@ -191,3 +192,20 @@ def test_compose_passes_an_empty_switch_when_unset_and_empty_means_on():
     readme = (REPO_ROOT / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `RUBRIX_ENABLE_TELEMETRY`"))
     assert "empty" in row and "compose" in row
+
+
+def test_redis_on_a_unix_socket_takes_its_database_from_virtual_host_as_kombu_does():
+    from telemetry_core.brokers import broker_for
+    from telemetry_core.brokers.redis import RedisBroker
+
+    settings = load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "redis+socket:///run/redis.sock"})
+    assert isinstance(broker_for(settings), RedisBroker)
+    with pytest.raises(ConfigurationError, match=r"the Redis database is a number \(0, 1, ...\), not 'x'"):
+        load_settings({"RUBRIX_TELEMETRY_BROKER_URL": "redis+socket:///run/redis.sock?virtual_host=x"})
+
+
+@pytest.mark.parametrize("value", ["http://user:s3cret@collector:6970", "ftp://user:s3cret@collector"])
+def test_an_endpoint_with_a_password_is_refused_without_echoing_it(value):
+    with pytest.raises(ConfigurationError, match="RUBRIX_TELEMETRY_ENDPOINT") as refused:
+        load_settings({"RUBRIX_TELEMETRY_ENDPOINT": value})
+    assert "s3cret" not in str(refused.value) and "user:***@collector" in str(refused.value)

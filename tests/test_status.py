@@ -247,3 +247,20 @@ def test_embedded_broker_queue_depth_and_counts_shared_by_worker_and_status(back
     done = status("--json", **embedded)
     assert done.document["queue"]["depth"] == 0
     assert done.document["counts"] == {"delivered": 2, "retried": 0, "dropped": {}}
+
+
+def test_an_endpoint_password_in_a_workers_answer_is_masked_in_text_and_json(monkeypatch):
+    # This release refuses such an endpoint at start; an older release's worker still reports it.
+    from telemetry_core.settings import load_settings
+    from telemetry_ops import status as status_command
+
+    answer = {"name": "older@host", "queues": ["telemetry"], "telemetry": {"enabled": True, "decided_by": "default"},
+              "endpoint": f"http://user:{PASSWORD}@collector:6970", "write_key_set": True}
+    report = status_command.BrokerReport(url="redis://127.0.0.1:1/0", answers=True)
+    monkeypatch.setattr(status_command, "probe_broker", lambda settings, timeout: report)
+    monkeypatch.setattr(status_command, "ask_workers", lambda settings, deadline, reply_wait: [answer])
+    collected = status_command.collect_status(load_settings())
+    text, document = status_command._as_text(collected), json.loads(status_command._as_json(collected))
+    assert PASSWORD not in text + json.dumps(document)
+    assert "endpoint http://user:***@collector:6970" in text
+    assert document["workers"][0]["endpoint"] == "http://user:***@collector:6970"

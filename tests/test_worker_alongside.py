@@ -20,6 +20,7 @@ import pytest
 from rubrix_hooks.example_app import API_KEY
 from tests.support import (Children, child_environment, children_fixture, free_port, http_request,
                            run_hook_client, status_json, unique_messages, wait_until)
+from tests.support import celery_workers_of as worker_pids  # the worker processes serving a data folder
 
 pytestmark = pytest.mark.slow
 
@@ -33,24 +34,6 @@ def alongside_env(data_dir: Path, endpoint: str, **overrides: str | None) -> dic
     return child_environment(**{"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(data_dir),
                                 "RUBRIX_TELEMETRY_ENDPOINT": endpoint, "RUBRIX_TELEMETRY_EMBEDDED_WORKER": "1",
                                 **overrides})
-
-
-def worker_pids(data_dir: Path) -> list[int]:
-    """The Celery worker processes serving this data folder (the machine runs other tests' too)."""
-    wanted = f"RUBRIX_TELEMETRY_DATA_DIR={data_dir}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"celery" not in b" ".join(argv) or b"worker" not in argv:
-                continue
-            if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue  # gone meanwhile
-    return found
 
 
 def embedded_status(data_dir: Path) -> tuple[int, dict[str, Any], str]:
@@ -243,3 +226,100 @@ def test_a_server_killed_by_sigkill_still_lets_its_worker_stop(children, collect
 
     server.stop(signal.SIGKILL)  # no exit handler runs: the kernel drops the server's lock
     assert wait_until(lambda: worker_gone(data_dir), WORKER_GONE_TIMEOUT, interval=0.2), worker_pids(data_dir)
+
+
+# A `tasks.py` of a project's own in the folder a server is started from (issue 23): a valid
+# Celery app of its own, and one that cannot be imported.
+FOREIGN_TASKS_MODULES = {
+    "a-celery-app-of-its-own": ('from celery import Celery\n\napp = Celery("tasks", broker="memory://")\n\n\n'
+                                '@app.task\ndef add(x, y):\n    return x + y\n'),
+    "one-that-fails-to-import": 'raise ImportError("this project module needs settings of its own")\n',
+}
+
+
+@pytest.mark.parametrize("source", list(FOREIGN_TASKS_MODULES.values()), ids=list(FOREIGN_TASKS_MODULES))
+def test_a_tasks_py_in_the_servers_working_folder_is_not_what_the_worker_alongside_runs(
+        children, collectors, data_dir, tmp_path, source):
+    # Children.server runs the server in <tmp_path>/app, also on its PYTHONPATH.
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "tasks.py").write_text(source)
+    backend = collectors()
+    server = start_server(children, alongside_env(data_dir, backend.url))
+    sent = get_me([server], rounds=5)
+
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 90), (
+        f"{len(unique_messages(backend.accepted_messages()))} of {sent} events arrived; {worker_log(data_dir)}")
+    code, document, stderr = embedded_status(data_dir)
+    assert [worker["name"].split("@")[0] for worker in document["workers"]] == ["alongside"], (document, stderr)
+    assert code == 0, stderr
+    assert len(worker_pids(data_dir)) == 1
+
+    stop_servers([server])
+    assert wait_until(lambda: worker_gone(data_dir), WORKER_GONE_TIMEOUT, interval=0.2), (
+        f"the worker outlived its server: {worker_pids(data_dir)}")
+
+
+def test_the_worker_alongside_imports_our_packages_first_and_nothing_from_the_servers_folder(tmp_path, monkeypatch):
+    from telemetry_core.brokers import alongside
+
+    server_cwd = str(tmp_path / "project")
+    # A checkout (or an editable install's source folder): first, whatever the server's PYTHONPATH.
+    path = alongside.worker_pythonpath(server_cwd, os.pathsep.join([".", "", "lib", server_cwd, "/opt/x"]),
+                                       alongside.package_root())
+    assert path.split(os.pathsep) == [str(alongside.package_root()), str(tmp_path / "project" / "lib"), "/opt/x"]
+    # Installed in site-packages: not put before the standard library (an old backport there,
+    # such as enum34, would shadow it); the worker's Python finds it there anyway.
+    site_packages = tmp_path / "site-packages"
+    (site_packages / "tasks").mkdir(parents=True)
+    (site_packages / "tasks" / "__init__.py").touch()
+    monkeypatch.setattr(alongside, "_site_folders", lambda: {str(site_packages)})
+    assert alongside.worker_pythonpath(server_cwd, ".", site_packages) == ""
+
+
+def test_a_data_folder_unusable_at_the_servers_start_gets_its_worker_once_it_is_fixed(children, collectors,
+                                                                                     data_dir):
+    backend = collectors()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    data_dir.write_text("")  # a file where the folder should be: a volume not mounted yet, a wrong mode
+    server = start_server(children, alongside_env(data_dir, backend.url))
+    failure = "cannot start a worker alongside the server"
+    assert wait_until(lambda: failure in server.log(), 30), server.log()
+    sent = get_me([server], rounds=3)  # held in the server's buffer meanwhile
+    # The publisher thread has started (it looks for a worker too) and failed to publish.
+    assert wait_until(lambda: "cannot reach the broker" in server.log(), 30), server.log()
+
+    data_dir.unlink()  # fixed: the next look (every 5 s) starts the worker
+    assert backend.wait_for(lambda b: len(unique_messages(b.accepted_messages())) >= sent, 90), (
+        f"{len(unique_messages(backend.accepted_messages()))} of {sent} events arrived; {worker_log(data_dir)}")
+    assert len(worker_pids(data_dir)) == 1
+    assert server.log().count(failure) == 1, f"the failure is logged once:\n{server.log()}"
+
+    stop_servers([server])
+    assert wait_until(lambda: worker_gone(data_dir), WORKER_GONE_TIMEOUT, interval=0.2), worker_pids(data_dir)
+
+
+def test_a_worker_alongside_that_keeps_exiting_is_reported_once_and_started_again(tmp_path, monkeypatch, caplog):
+    import logging
+    import subprocess
+    from dataclasses import replace
+
+    from telemetry_core.brokers import alongside
+    from telemetry_core.settings import load_settings
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn_one_that_exits(settings, alongside_fd):  # a worker that cannot start, as a broken install's
+        started.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+        started[-1].wait()
+        return started[-1]
+
+    monkeypatch.setattr(alongside, "_spawn", spawn_one_that_exits)
+    server_side = alongside._ServerSide(replace(load_settings(), data_dir=tmp_path / "data"))  # no look-out thread
+    caplog.set_level(logging.DEBUG, logger="telemetry_core.brokers.alongside")
+    for _ in range(4):  # the look-out's looks, every CHECK_INTERVAL
+        server_side.check()
+
+    assert len(started) == 4, "started again at each look"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "the worker alongside exited with code 3" in warnings[0], warnings
+    assert str(tmp_path / "data" / "worker-alongside.log") in warnings[0]

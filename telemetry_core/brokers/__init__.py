@@ -21,6 +21,7 @@ ALIASES = {
     "redis": "telemetry_core.brokers.redis:RedisBroker",
     "rediss": "telemetry_core.brokers.redis:RedisBroker",
     "sentinel": "telemetry_core.brokers.redis:RedisBroker",
+    "redis+socket": "telemetry_core.brokers.redis:RedisBroker",  # Redis on a Unix socket
     "amqp": "telemetry_core.brokers.rabbitmq:RabbitMQBroker",
     "amqps": "telemetry_core.brokers.rabbitmq:RabbitMQBroker",
     "pyamqp": "telemetry_core.brokers.rabbitmq:RabbitMQBroker",

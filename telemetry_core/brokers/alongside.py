@@ -22,8 +22,15 @@ flock, not the POSIX locks of `embedded.py`: a POSIX lock is the process's and d
 to a child, a flock is the open file's and does. Each server looks again every
 `CHECK_INTERVAL` seconds (one flock call), so a worker that crashed, an operator's worker
 that was stopped, or a worker alongside that was just stopping when a server started is
-replaced. An operator's worker started at the very moment a server spawns one makes two for
-a while: harmless, delivery is at least once and the messageIds let the backend de-duplicate.
+replaced; a data folder that could not be used at the server's start (a volume mounted late)
+gets its worker once it can be. An operator's worker started at the very moment a server
+spawns one makes two for a while: harmless, delivery is at least once and the messageIds let
+the backend de-duplicate.
+
+The worker runs our app whatever the server's working folder holds (a project's own
+`tasks.py` is a common name there, and Celery's `-A tasks` looks in the working folder
+first): it runs in the data folder, with the folder our packages came from first on its
+PYTHONPATH and the server's working folder left out (`worker_pythonpath`).
 """
 
 from __future__ import annotations
@@ -88,56 +95,128 @@ def _free(fd: int) -> bool:
     return True
 
 
+def worker_alongside_runs(settings: Settings) -> bool:
+    """Whether a worker alongside runs, starts or stops on this data folder (it holds its lock)."""
+    path = lock_paths(settings)["worker-alongside"]
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no server ever started one here
+    try:
+        return not _free(fd)
+    finally:
+        os.close(fd)
+
+
 # -- the server's side ---------------------------------------------------------------------
 
 class _ServerSide:
-    """One server process's part: its claim on `servers.lock` and its look-outs for a worker."""
+    """One server process's part: its claim on `servers.lock` and its look-outs for a worker.
+
+    Nothing here can fail the server: every step is retried at the next look (the data folder
+    may be a volume mounted late, or get its mode fixed later), and a failure is logged once,
+    at WARNING, until a look finds a worker consuming again (later failures go to DEBUG)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.paths = lock_paths(settings)
         self.pid = os.getpid()
         self.worker: subprocess.Popen[bytes] | None = None
+        # LOCK_SH on `servers.lock` for this process's life, taken at the first look that can:
+        # the worker alongside stops once nobody holds it. A forked child inherits the
+        # descriptor, and so the lock.
+        self._servers_fd: int | None = None
         self._failure_logged = False
-        # LOCK_SH for this process's life: the worker alongside stops once nobody holds it.
-        # A forked child inherits the descriptor, and so the lock.
-        self._servers_fd = _open_lock(self.paths["servers"])
-        fcntl.flock(self._servers_fd, fcntl.LOCK_SH)
-        self._thread = threading.Thread(target=self._watch, name="rubrix-telemetry-worker-alongside", daemon=True)
-        self._thread.start()
+
+    def start_watching(self) -> None:
+        threading.Thread(target=self._watch, name="rubrix-telemetry-worker-alongside", daemon=True).start()
 
     def _watch(self) -> None:
         while True:
             try:
                 self.check()
             except Exception as error:  # noqa: BLE001 (a server must never fail for its worker)
-                if not self._failure_logged:
-                    self._failure_logged = True
-                    log.warning("telemetry: cannot start a worker alongside the server (%s: %s); events wait "
-                                "in %s for a worker", type(error).__name__, error, self.settings.data_dir / "broker")
+                self._log_failure("cannot start a worker alongside the server (%s: %s); events wait in %s, "
+                                  "and the server tries again every %gs", type(error).__name__, error,
+                                  self.settings.data_dir / "broker", CHECK_INTERVAL)
             time.sleep(CHECK_INTERVAL)
+
+    def _log_failure(self, message: str, *args: object) -> None:
+        """Once at WARNING; again (at DEBUG) until a look finds a worker consuming."""
+        level = logging.DEBUG if self._failure_logged else logging.WARNING
+        self._failure_logged = True
+        log.log(level, "telemetry: " + message, *args)
 
     def check(self) -> None:
         """Spawns the worker alongside when none consumes the queue and none is being started."""
+        if self._servers_fd is None:
+            fd = _open_lock(self.paths["servers"])
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:
+                os.close(fd)
+                raise
+            self._servers_fd = fd
+        crashed = False
         if self.worker is not None and self.worker.poll() is not None:
+            crashed = self.worker.returncode != 0  # it stops itself (no server left) with 0
+            if crashed:
+                self._log_failure("the worker alongside exited with code %s (its log: %s); the server starts "
+                                  "another every %gs", self.worker.returncode, log_path(self.settings),
+                                  CHECK_INTERVAL)
             self.worker = None  # reaped: it stopped or crashed
         alongside_fd = _open_lock(self.paths["worker-alongside"])
         try:
             try:
                 fcntl.flock(alongside_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                self._failure_logged = False
                 return  # a worker alongside runs, starts or stops: another look later
             workers_fd = _open_lock(self.paths["workers"])
             try:
                 if not _free(workers_fd):
+                    self._failure_logged = False
                     return  # a worker consumes the queue (an operator's, or one alongside)
             finally:
                 os.close(workers_fd)
             self.worker = _spawn(self.settings, alongside_fd)
-            log.info("telemetry: no worker consumes %s: started one alongside the server (pid %d, log %s)",
-                     self.settings.data_dir / "broker", self.worker.pid, log_path(self.settings))
+            # After a crash, the line above said it (once): no INFO line every CHECK_INTERVAL.
+            log.log(logging.DEBUG if crashed else logging.INFO,
+                    "telemetry: no worker consumes %s: started one alongside the server (pid %d, log %s)",
+                    self.settings.data_dir / "broker", self.worker.pid, log_path(self.settings))
         finally:
             os.close(alongside_fd)  # the child holds the lock through its own copy
+
+
+def package_root() -> Path:
+    """The folder our packages (`telemetry_core`, `tasks`, ...) were imported from: a checkout,
+    an editable install's source folder, or site-packages. Not resolved: a symlinked package
+    is found where the server found it."""
+    return Path(os.path.abspath(__file__)).parents[2]
+
+
+def _site_folders() -> set[str]:
+    import site
+
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return {os.path.abspath(folder) for folder in folders}
+
+
+def worker_pythonpath(server_cwd: str, server_pythonpath: str, root: Path) -> str:
+    """PYTHONPATH for the worker alongside: our packages' folder first, then the server's own
+    entries (made absolute: the worker runs in another folder) except the server's working
+    folder, from which the worker imports nothing (`tasks.py` is a common name there).
+
+    site-packages is not put first (it would come before the standard library, where an old
+    backport such as `enum34` would shadow it): the worker's Python finds it there anyway."""
+    entries: list[str] = []
+    if (root / "tasks" / "__init__.py").is_file() and str(root) not in _site_folders():
+        entries.append(str(root))
+    for entry in server_pythonpath.split(os.pathsep):
+        folder = os.path.abspath(os.path.join(server_cwd, entry)) if entry else server_cwd
+        if folder != server_cwd and folder not in entries:
+            entries.append(folder)
+    return os.pathsep.join(entries)
 
 
 def _spawn(settings: Settings, alongside_fd: int) -> subprocess.Popen[bytes]:
@@ -148,6 +227,14 @@ def _spawn(settings: Settings, alongside_fd: int) -> subprocess.Popen[bytes]:
     argv = [*([nice, "-n", str(NICENESS)] if nice else []), sys.executable, "-m", "celery", "-A", "tasks", "worker",
             "-Q", settings.queue, *POOL_ARGS, "--without-mingle", "--without-gossip", "-l", "WARNING",
             "-n", NODE_NAME]
+    # Our app whatever the server's working folder holds: the worker runs in the data folder
+    # (which holds no module; Celery puts its working folder first on sys.path to find `-A
+    # tasks`), its data folder made absolute, and our packages first on its PYTHONPATH.
+    data_dir = os.path.abspath(settings.data_dir)
+    env = {**os.environ, ALONGSIDE_LOG_VARIABLE: str(path), "RUBRIX_TELEMETRY_DATA_DIR": data_dir,
+           "PYTHONPATH": worker_pythonpath(os.getcwd(), os.environ.get("PYTHONPATH", ""), package_root())}
+    if not env["PYTHONPATH"]:
+        del env["PYTHONPATH"]
     try:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
@@ -155,8 +242,7 @@ def _spawn(settings: Settings, alongside_fd: int) -> subprocess.Popen[bytes]:
             close_fds=True, pass_fds=(alongside_fd,),
             # Its own session: a Ctrl-C or a SIGTERM to the server's process group is not its fate;
             # it stops when the last server has gone.
-            start_new_session=True,
-            cwd=os.getcwd(), env={**os.environ, ALONGSIDE_LOG_VARIABLE: str(path)},
+            start_new_session=True, cwd=data_dir, env=env,
         )
     finally:
         os.close(log_fd)
@@ -175,9 +261,11 @@ def start_for_server(settings: Settings) -> None:
         if _server_side is not None and _server_side.pid == os.getpid():
             return
         # In a forked child the parent's look-out thread is gone (the inherited lock is kept).
+        # Its thread keeps trying (every CHECK_INTERVAL) whatever fails, and logs a failure once.
         try:
             _server_side = _ServerSide(settings)
-        except Exception as error:  # noqa: BLE001 (a server must never fail for its worker)
+            _server_side.start_watching()
+        except Exception as error:  # noqa: BLE001 (no thread to be had: a server must never fail for its worker)
             log.warning("telemetry: cannot start a worker alongside the server (%s: %s)", type(error).__name__, error)
 
 

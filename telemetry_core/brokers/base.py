@@ -79,11 +79,9 @@ class Broker:
     def check_settings(self) -> None:
         """Raises ConfigurationError for a setting this broker cannot honour, or a URL it cannot
         use (knowable without a connection: Celery would stop with a traceback)."""
-        from kombu.utils.url import parse_url
-
         for part in self.url.split(";"):
             try:
-                problem = self.url_problem(parse_url(part))
+                problem = self.url_problem(self.url_parts(part))
             except ValueError as error:
                 problem = f"kombu cannot parse it: {error}"
             if problem:
@@ -92,6 +90,12 @@ class Broker:
         if self.settings.queue_type != "classic":
             raise ConfigurationError(f"RUBRIX_TELEMETRY_QUEUE_TYPE={self.settings.queue_type} needs a RabbitMQ "
                                      f"broker (amqp://), not {self.scheme}://")
+
+    def url_parts(self, url: str) -> Mapping[str, Any]:
+        """One URL of the list as kombu reads it (`parse_url`: transport, hostname, ..., virtual_host)."""
+        from kombu.utils.url import parse_url
+
+        return parse_url(url)
 
     def url_problem(self, parts: Mapping[str, Any]) -> str | None:
         """What this broker cannot use in one URL of the list (kombu's `parse_url` parts)."""

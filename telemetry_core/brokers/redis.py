@@ -23,6 +23,7 @@ import contextlib
 import os
 import uuid
 from typing import Any, Iterator, Mapping
+from urllib.parse import parse_qsl, urlsplit
 
 from telemetry_core.brokers.base import Broker, BrokerRefusedWorker, QueueState
 from telemetry_core.message import EVENTS_HEADER
@@ -30,6 +31,8 @@ from telemetry_core.settings import ConfigurationError, Settings, broker_transpo
 
 COUNTS_KEY = "rubrix-telemetry:counts"
 DEPLOYMENT_ID_KEY = "rubrix-telemetry:installation-id"
+# Redis on a Unix socket, as kombu spells it: redis+socket:///path/redis.sock[?virtual_host=N].
+SOCKET_SCHEME = "redis+socket"
 # kombu's default for the transport option `unacked_key`.
 UNACKED_KEY = "unacked"
 
@@ -171,6 +174,15 @@ class RedisBroker(Broker):
         if self.scheme == "sentinel" and not self.settings.extra_transport_options.get("master_name"):
             raise ConfigurationError("a sentinel:// RUBRIX_TELEMETRY_BROKER_URL needs the master's name in "
                                      'RUBRIX_TELEMETRY_BROKER_TRANSPORT_OPTIONS, e.g. {"master_name": "mymaster"}')
+
+    def url_parts(self, url: str) -> Mapping[str, Any]:
+        # redis+socket:///path/redis.sock: kombu's Redis channel reads the path as the socket and
+        # the database from `?virtual_host=N` (0 without it); its `parse_url` takes the path for
+        # the database, and fails on that query.
+        parts = urlsplit(url)
+        if parts.scheme != SOCKET_SCHEME:
+            return super().url_parts(url)
+        return {"transport": parts.scheme, "virtual_host": dict(parse_qsl(parts.query)).get("virtual_host", "")}
 
     def url_problem(self, parts: Mapping[str, Any]) -> str | None:
         # kombu's rule (transport/redis.py `_prepare_virtual_host`), checked before its
