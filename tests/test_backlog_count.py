@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -20,7 +22,16 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import TEST_ENVIRONMENT
-from tests.support import RedisServer, child_environment, free_port, publish_events, run_hook_client, status_json, wait_until
+from tests.support import (
+    REPO_ROOT,
+    RedisServer,
+    child_environment,
+    free_port,
+    publish_events,
+    run_hook_client,
+    status_json,
+    wait_until,
+)
 
 EVENTS_PER_TASK = int(TEST_ENVIRONMENT["RUBRIX_TELEMETRY_EVENTS_PER_TASK"])
 
@@ -190,11 +201,12 @@ def test_at_100000_waiting_messages_no_command_holds_redis_10_ms_and_a_check_cos
     assert broker.backlog(5) == 1_000
     at_1000 = _check_seconds(broker)
 
-    client.config_set("slowlog-log-slower-than", 10_000)
-    client.slowlog_reset()
     _fill(client, queue, raw, 99_000)
     for n in range(300):  # messages workers hold
         client.hset("unacked", f"held-{n}", json.dumps([json.loads(raw), "", queue]))
+    # From here on only telemetry's own commands: checks, a recount, `status`.
+    client.config_set("slowlog-log-slower-than", 10_000)
+    client.slowlog_reset()
     at_100000 = _check_seconds(broker)
     _recount_due(client, queue)
     assert broker.backlog(5) == 100_000
@@ -234,6 +246,9 @@ def test_the_byte_bound_drops_and_counts_what_goes_beyond_it(redis_of_its_own, q
     assert code == 1 and any("RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES=60000 bytes" in problem
                              for problem in document["problems"]), document["problems"]
     assert document["counts"]["dropped"] == {"backlog_full": fired - waiting}
+    text = subprocess.run([sys.executable, "-m", "telemetry_ops.cli", "status"], cwd=REPO_ROOT,
+                          env=child_environment(**deployment), capture_output=True, text=True, timeout=30).stdout
+    assert f"{waiting} of 100000 events (RUBRIX_TELEMETRY_MAX_BACKLOG); {size} of {bound} bytes " in text, text
 
 
 @pytest.mark.slow

@@ -24,9 +24,10 @@ Redis answers nobody while a script runs. So:
 Residual error, until the next recount: a message a worker takes from the list's tail after
 its slice was read and still holds when HSCAN reaches it is counted twice; one taken
 before its slice and settled before HSCAN reaches it is not counted (both bounded by what
-workers take in the recount's second or so); a push whose count lands during the recount is
-counted twice; HSCAN may return a field twice while the hash grows. All settle at the next
-recount, RECOUNT_INTERVAL later.
+workers take in the recount's second or so); a publish or a settle whose count lands during
+the recount, for a message pushed or removed before it began, is counted twice; HSCAN may
+return a field twice while the hash grows. All settle at the next recount, RECOUNT_INTERVAL
+later. A count below zero (a settle counted before its publish) reads as 0.
 """
 
 from __future__ import annotations
