@@ -254,7 +254,8 @@ def test_the_byte_bound_drops_and_counts_what_goes_beyond_it(redis_of_its_own, q
 @pytest.mark.slow
 def test_rabbitmq_counts_a_quiet_servers_one_event_messages_within_2x(rabbitmq_vhost):
     """2,000 one-event messages (EVENTS_PER_TASK 20): the publisher's check reads them as the
-    events they carry, not as 20 each, and a bound of 3,000 drops none of them."""
+    events they carry, not as 20 each, and a bound of 3,000 drops none of them; `status` reads
+    the same figure, and finds no bound reached."""
     from rubrix_hooks.publisher import CeleryBatchSender, Publisher
     from telemetry_core.contract import LOG_RECORDS_REQUESTED, timestamp_us
     from tests.test_backlog import _rabbitmq
@@ -273,4 +274,32 @@ def test_rabbitmq_counts_a_quiet_servers_one_event_messages_within_2x(rabbitmq_v
     assert publisher.stats() == {"published": 2_000, "pending": 0, "dropped": {}}
     counted = _broker(rabbitmq_vhost.url, queue).backlog(5)
     assert 1_000 <= counted <= 4_000, counted
+    # `status`, which publishes nothing, reads what the server shared: the same count.
+    code, document, _ = status_json(RUBRIX_TELEMETRY_BROKER_URL=rabbitmq_vhost.url, RUBRIX_TELEMETRY_QUEUE=queue)
+    assert document["backlog"]["events"] == counted and document["backlog"]["bytes"] is None, document["backlog"]
+    assert not any("the backlog is at its bound" in problem for problem in document["problems"])
     assert len(_rabbitmq(rabbitmq_vhost.url, Path("."), queue).read_waiting()) == 2_000
+
+
+@pytest.mark.slow
+@pytest.mark.load  # 150,000 events, about a minute
+def test_150000_one_event_messages_with_no_worker_keep_redis_under_64_mb_and_at_least_20000_events(
+        redis_of_its_own, queue):
+    """Issue 22's target for the byte bound: EVENTS_PER_TASK=1, no worker, the default bounds
+    (a buffer that holds every event, so that only the broker's bounds drop any)."""
+    url, client = redis_of_its_own.url, redis_of_its_own.client()
+    fired = 150_000
+    env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=url, RUBRIX_TELEMETRY_QUEUE=queue,
+                            RUBRIX_TELEMETRY_EVENTS_PER_TASK="1", RUBRIX_TELEMETRY_BUFFER_SIZE=str(fired),
+                            RUBRIX_TELEMETRY_FLUSH_INTERVAL=None, RUBRIX_TELEMETRY_PUBLISH_TIMEOUT=None)
+    before = client.info("memory")["used_memory"]
+    report, took = run_hook_client(env, fired, flush_timeout=600, timeout=900)
+    grown = client.info("memory")["used_memory"] - before
+
+    kept, stats = client.llen(queue), report["stats"]
+    print(f"{fired} fired: {kept} kept, used_memory +{grown / 1e6:.1f} MB ({grown / kept:.0f} B per message), "
+          f"{stats['dropped']} dropped, {took:.0f}s")
+    assert stats["published"] == kept >= 20_000
+    assert grown <= 64_000_000
+    assert stats["dropped"] == {"backlog_full": fired - kept} and stats["pending"] == 0
+    assert "RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES=41943040 bytes" in report["stderr"]

@@ -5,10 +5,10 @@ RabbitMQ stores no values, so each worker keeps its delivery counts in its own d
 The backlog can only be estimated here: a passive declare tells the messages ready in the
 queue, not the events they carry (reading a header means consuming the message), nor the
 messages workers hold. `RabbitMQBroker.backlog` counts the ready messages times the mean
-events per message of what this process published lately (`PublishedSizes`: a server's
-publisher knows what it sent; a quiet server's one-event messages are no longer read as 500
-events each). A process that published nothing (`status`, `preview`, the metrics) cannot
-know it and counts each as `events_per_task`: an upper bound. Either is blind to what
+events per message of what this process published lately, or, in a process that publishes
+nothing (`status`, `preview`, the metrics), of what a server shared in a stream
+(`rabbitmq_sizes`): a quiet server's one-event messages are no longer read as 500 events
+each. Without either, each counts as `events_per_task`: an upper bound. All are blind to what
 workers hold. No byte figure: AMQP reports none (`backlog_bytes` is None).
 RabbitMQ's own bound (`x-max-length-bytes`, `x-overflow: reject-publish`) is not declared:
 it counts bytes, not events, and a queue argument is fixed at the first declare (the README,
@@ -23,17 +23,16 @@ server that never publishes never loads it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import os
 import re
 import socket
-import threading
 import time
 import uuid
 from typing import Any
 
+from telemetry_core.brokers import rabbitmq_sizes
 from telemetry_core.brokers.base import Broker, BrokerRefusedWorker, PublishUnconfirmed, QueueMisconfigured, QueueState
 from telemetry_core.settings import Settings
 
@@ -163,39 +162,6 @@ def ready_messages(settings: Settings, timeout: float) -> int:
         raise
     _backlog_channels[key] = (connection, channel)
     return int(ready)
-
-
-# How many of this process's latest publishes the mean events per message is taken over.
-RECENT_PUBLISHES = 1000
-
-
-class PublishedSizes:
-    """The events of this process's latest RECENT_PUBLISHES task messages, and their mean."""
-
-    def __init__(self) -> None:
-        self._events: collections.deque[int] = collections.deque(maxlen=RECENT_PUBLISHES)
-        self._sum = 0
-        self._lock = threading.Lock()
-
-    def add(self, events: int) -> None:
-        with self._lock:
-            if len(self._events) == self._events.maxlen:
-                self._sum -= self._events[0]
-            self._events.append(events)
-            self._sum += events
-
-    def mean(self) -> float | None:
-        with self._lock:
-            return self._sum / len(self._events) if self._events else None
-
-
-# Per process (a forked child starts afresh), broker URL and queue.
-_published_sizes: dict[tuple[int, str, str], PublishedSizes] = {}
-
-
-def published_sizes(settings: Settings) -> PublishedSizes:
-    key = (os.getpid(), settings.broker_url_or_default, settings.queue)
-    return _published_sizes.setdefault(key, PublishedSizes())
 
 
 def shared_deployment_id(settings: Settings, offered: str, timeout: float) -> str:
@@ -358,19 +324,20 @@ class RabbitMQBroker(Broker):
     def backlog(self, timeout: float, under: int | None = None) -> int | None:
         # An estimate (see the module's docstring): ready messages times what one carries.
         ready = ready_messages(self.settings, timeout)
-        mean = published_sizes(self.settings).mean()
+        if not ready:
+            return 0
+        mean = rabbitmq_sizes.events_per_message(self.settings, lambda: _connection(self.settings, timeout))
         return ready * self.settings.events_per_task if mean is None else math.ceil(ready * mean)
 
     def message_published(self, events: int) -> None:
-        published_sizes(self.settings).add(events)
+        rabbitmq_sizes.record_publish(self.settings, events,
+                                      lambda: _connection(self.settings, self.settings.publish_timeout))
 
     def backlog_method(self) -> str:
-        if published_sizes(self.settings).mean() is not None:
-            return (f"an estimate: ready messages times the mean events per message of this process's last "
-                    f"{RECENT_PUBLISHES} publishes; messages workers hold are not seen")
-        return ("an upper bound: ready messages times RUBRIX_TELEMETRY_EVENTS_PER_TASK (this process published "
-                "nothing, so it cannot know what a message carries; a server's check uses the mean of what it "
-                "published); messages workers hold are not seen")
+        return ("an estimate: ready messages times the mean events per message of this process's last "
+                f"{rabbitmq_sizes.RECENT_PUBLISHES} publishes, or (a process that publishes none) of the newest "
+                f"figure a server shared in the stream {rabbitmq_sizes.SIZES_STREAM.format(queue=self.settings.queue)}, "
+                "else RUBRIX_TELEMETRY_EVENTS_PER_TASK (an upper bound); messages workers hold are not seen")
 
     def shared_deployment_id(self, offered: str, timeout: float) -> str:
         return shared_deployment_id(self.settings, offered, timeout)

@@ -199,11 +199,17 @@ class RedisBroker(Broker):
     def backlog_bytes(self, timeout: float) -> int | None:
         # Redis's own accounting, sampled: the list, the unacked hash and its index (every
         # queue's messages that workers hold: give telemetry a database of its own).
+        from redis.exceptions import ResponseError
+
         pipe = process_client(self.settings, timeout).pipeline(transaction=False)
         for key in (self.settings.queue, self._option("unacked_key", UNACKED_KEY),
                     self._option("unacked_index_key", UNACKED_INDEX_KEY)):
             pipe.memory_usage(key, samples=MEMORY_SAMPLES)
-        return sum(int(size or 0) for size in pipe.execute())
+        try:
+            return sum(int(size or 0) for size in pipe.execute())
+        except ResponseError as refused:  # an ACL user without MEMORY: it answers, but cannot tell
+            log.debug("telemetry: Redis does not tell the backlog's bytes: %s", refused)
+            return None
 
     def message_published(self, events: int) -> None:
         try:
