@@ -147,12 +147,12 @@ def subtract_settled(client: Any, queue: str, events: int) -> None:
 
 
 def read_count(client: Any, queue: str) -> tuple[int, bool]:
-    """(events counted, whether a recount is due): one round trip."""
+    """(events counted, whether a recount is due: none recent, and none running): one round trip."""
     pipe = client.pipeline(transaction=False)
     pipe.hget(COUNT_KEY, queue)
-    pipe.exists(RECOUNTED_KEY.format(queue=queue))
-    count, recent = pipe.execute()
-    return max(0, int(count or 0)), not recent
+    pipe.exists(RECOUNTED_KEY.format(queue=queue), RECOUNT_LOCK_KEY.format(queue=queue))
+    count, recent_or_running = pipe.execute()
+    return max(0, int(count or 0)), not recent_or_running
 
 
 class Recount:
@@ -183,18 +183,14 @@ class Recount:
             count_at_start, pushed_at_start = (int(value or 0) for value in pipe.execute())
             deadline = time.monotonic() + RECOUNT_DEADLINE
             events = self._list_events(pushed_at_start, deadline)
-            if events is not None:
-                held = self._held_events(deadline)
-                if held is not None:
-                    keys = [COUNT_KEY, self.lock, RECOUNTED_KEY.format(queue=self.queue)]
-                    done = self.finish(keys=keys, args=[self.queue, events + held, count_at_start, self.token,
-                                                        RECOUNT_INTERVAL])
-                    return None if done is None else int(done)
-        except Exception:
-            self.release(keys=[self.lock], args=[self.token])
-            raise
-        self.release(keys=[self.lock], args=[self.token])
-        return None
+            held = None if events is None else self._held_events(deadline)
+            if events is None or held is None:
+                return None
+            done = self.finish(keys=[COUNT_KEY, self.lock, RECOUNTED_KEY.format(queue=self.queue)],
+                               args=[self.queue, events + held, count_at_start, self.token, RECOUNT_INTERVAL])
+            return None if done is None else int(done)
+        finally:
+            self.release(keys=[self.lock], args=[self.token])  # nothing left to free once it finished
 
     def _list_events(self, pushed_at_start: int, deadline: float) -> int | None:
         total, position = 0, 0
