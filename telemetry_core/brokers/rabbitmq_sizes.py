@@ -114,7 +114,7 @@ def record_publish(settings: Settings, events: int, connect: Callable[[], Any]) 
 
 def events_per_message(settings: Settings, connect: Callable[[], Any]) -> float | None:
     """This process's mean if it published, else the newest a server shared (read at most every
-    SHARE_INTERVAL), else None. Raises when the broker does not answer."""
+    SHARE_INTERVAL), else None. Never raises: a stream that cannot be read is no figure."""
     own = published_sizes(settings).mean()
     if own is not None:
         return own
@@ -122,8 +122,12 @@ def events_per_message(settings: Settings, connect: Callable[[], Any]) -> float 
     read_at, shared = _read.get(key, (-SHARE_INTERVAL, None))
     if time.monotonic() - read_at < SHARE_INTERVAL:
         return shared
-    with connect() as connection:
-        shared = _newest_shared(connection, SIZES_STREAM.format(queue=settings.queue))
+    try:
+        with connect() as connection:
+            shared = _newest_shared(connection, SIZES_STREAM.format(queue=settings.queue))
+    except Exception as error:  # noqa: BLE001 (a RabbitMQ before 3.9, a stream starting, a user who may not read it)
+        log.debug("telemetry: could not read the events per message the servers shared: %r", error)
+        shared = None
     _read[key] = (time.monotonic(), shared)
     return shared
 
