@@ -41,7 +41,7 @@ RETRY_SHARE_INTERVAL = 5.0
 # Seconds a share may wait for the broker to write and confirm it.
 SHARE_TIMEOUT = 1.0
 # How long a reader waits for the stream's newest message, and for one more after it.
-READ_WAIT = 0.5
+READ_WAIT = 1.0
 MORE_WAIT = 0.05
 
 
