@@ -67,8 +67,8 @@ def last_delivered_at(status: Status) -> float | None:
     return max(times, default=None)
 
 
-def deployment_metrics(status: Status, backlog: int | None, backlog_limit: int) -> list[Metric]:
-    """The metric families of one scrape, from what `status` found."""
+def deployment_metrics(status: Status, settings: Settings) -> list[Metric]:
+    """The metric families of one scrape, from what `status` found; the limits as `settings` have them."""
 
     def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
         return GaugeMetricFamily(PREFIX + name, documentation, value=value)
@@ -78,11 +78,18 @@ def deployment_metrics(status: Status, backlog: int | None, backlog_limit: int) 
         gauge("workers_up", "Workers that answered this scrape and consume the telemetry queue",
               len(status.consuming)),
         gauge("backlog_limit_events", "RUBRIX_TELEMETRY_MAX_BACKLOG as this exporter reads it: beyond it "
-              "servers drop new events", backlog_limit),
+              "servers drop new events", settings.max_backlog),
+        gauge("backlog_limit_bytes", "RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES as this exporter reads it: beyond it "
+              "servers drop new events", settings.max_backlog_bytes),
     ]
-    if backlog is not None:
+    # Left out when the broker did not answer, or cannot tell (bytes: RabbitMQ).
+    broker = status.broker
+    if broker.answers and broker.backlog is not None:
         families.append(gauge("backlog_events", "Events that wait for delivery in the broker: queued, and "
-                              "held by workers (being delivered or waiting for a retry)", backlog))
+                              "held by workers (being delivered or waiting for a retry)", broker.backlog))
+    if broker.answers and broker.backlog_bytes is not None:
+        families.append(gauge("backlog_bytes", "Bytes the broker holds for the events that wait, as it "
+                              "accounts for them", broker.backlog_bytes))
     delivered_at = last_delivered_at(status)
     if delivered_at is not None:
         families.append(gauge("last_delivery_timestamp_seconds", "When a worker consuming the queue last "
@@ -123,8 +130,7 @@ class DeploymentCollector:
         status = collect_status(self.settings, check_bounds(self.budget))
         if self.on_broker is not None:
             self.on_broker(status)
-        yield from deployment_metrics(status, status.broker.backlog if status.broker.answers else None,
-                                      self.settings.max_backlog)
+        yield from deployment_metrics(status, self.settings)
 
 
 class BrokerStateLog:

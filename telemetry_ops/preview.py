@@ -54,11 +54,13 @@ def backlog(settings: Settings) -> dict[str, Any]:
     """The broker's backlog against its bound, as a server's publisher sees it; only reads (no
     folder or queue is created), and says what it could not read instead of failing."""
     broker = broker_for(settings)
-    shown: dict[str, Any] = {"events": None, "max": settings.max_backlog, "counted_by": broker.backlog_method()}
+    shown: dict[str, Any] = {"events": None, "max": settings.max_backlog, "bytes": None,
+                             "max_bytes": settings.max_backlog_bytes, "counted_by": broker.backlog_method()}
     if not settings.enabled:
         return {**shown, "error": "telemetry is off: the broker was not asked"}
     try:
         shown["events"] = broker.backlog(BACKLOG_TIMEOUT)
+        shown["bytes"] = broker.backlog_bytes(BACKLOG_TIMEOUT)
     except Exception as error:  # noqa: BLE001 (a preview says what it could not read, it does not fail)
         shown["error"] = f"the broker could not be read ({type(error).__name__})"
     return shown
@@ -77,6 +79,6 @@ def preview(settings: Settings) -> dict[str, Any]:
         # This machine's, as its server sends them with every task message.
         "platform": platform_info(),
         "examples": example_messages(deployment_id or ID_NOT_CREATED_YET),
-        # What waits in the broker, in events, against RUBRIX_TELEMETRY_MAX_BACKLOG.
+        # What waits in the broker, in events and bytes, against RUBRIX_TELEMETRY_MAX_BACKLOG(_BYTES).
         "backlog": backlog(settings),
     }

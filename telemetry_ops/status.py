@@ -89,6 +89,8 @@ class BrokerReport:
     backlog: int | None = None  # events waiting for delivery (`Broker.backlog`), against max_backlog
     max_backlog: int | None = None  # RUBRIX_TELEMETRY_MAX_BACKLOG, as this shell has it
     backlog_counted_by: str | None = None  # how the broker counts it (an estimate on RabbitMQ)
+    backlog_bytes: int | None = None  # bytes the broker holds for it (`Broker.backlog_bytes`), against max_backlog_bytes
+    max_backlog_bytes: int | None = None  # RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES, as this shell has it
     counts: dict[str, Any] | None = None
     counts_error: str | None = None
 
@@ -97,8 +99,9 @@ def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerR
     """Asks the broker, giving up after `timeout` seconds whatever it is stuck on."""
     url = settings.broker_url_or_default
     broker = broker_for(settings)
-    report = BrokerReport(url=masked_url(url), max_backlog=settings.max_backlog,
-                          backlog_counted_by=broker.backlog_method())
+    bounds = {"max_backlog": settings.max_backlog, "max_backlog_bytes": settings.max_backlog_bytes,
+              "backlog_counted_by": broker.backlog_method()}
+    report = BrokerReport(url=masked_url(url), **bounds)
 
     def probe() -> None:
         state = broker.queue_state(timeout)  # raises when the broker does not answer
@@ -106,12 +109,12 @@ def probe_broker(settings: Settings, timeout: float = STATUS_TIMEOUT) -> BrokerR
         report.queue_depth, report.unacked, report.queue_error = state.depth, state.held, state.problem
         if state.problem is None:
             report.backlog = broker.backlog(timeout)
+            report.backlog_bytes = broker.backlog_bytes(timeout)
         report.counts = counters.read_counts(settings, timeout)
 
     finished, _, error = _within(timeout, "status-broker", probe)
     if not finished:
-        return BrokerReport(url=report.url, error=f"no answer within {timeout:g}s", max_backlog=report.max_backlog,
-                            backlog_counted_by=report.backlog_counted_by)
+        return BrokerReport(url=report.url, error=f"no answer within {timeout:g}s", **bounds)
     if isinstance(error, counters.CountsUnavailable):
         report.counts_error = str(error)
     elif error is not None:
@@ -185,10 +188,13 @@ def collect_status(settings: Settings, bounds: CheckBounds = STATUS_BOUNDS) -> S
             status.problems.append(
                 f"no worker consumes the queue {settings.queue!r} on {status.broker.url}: start one "
                 f"(celery -A tasks worker -Q {settings.queue} -E -l INFO) with the same RUBRIX_TELEMETRY_BROKER_URL")
-        backlog, bound = status.broker.backlog, settings.max_backlog
-        if backlog is not None and backlog >= bound:
-            status.problems.append(f"the backlog is at its bound ({backlog} of RUBRIX_TELEMETRY_MAX_BACKLOG={bound} "
-                                   "events): servers drop new events until workers make room")
+        for figure, bound, variable, unit in ((status.broker.backlog, settings.max_backlog,
+                                               "RUBRIX_TELEMETRY_MAX_BACKLOG", "events"),
+                                              (status.broker.backlog_bytes, settings.max_backlog_bytes,
+                                               "RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES", "bytes")):
+            if figure is not None and figure >= bound:
+                status.problems.append(f"the backlog is at its bound ({figure} of {variable}={bound} {unit}): "
+                                       "servers drop new events until workers make room")
         status.problems.extend(f"worker {worker['name']} cannot deliver: {worker['problem']}"
                                for worker in status.consuming if worker.get("problem"))
         status.problems.extend(filter(None, (_failed_delivery(worker) for worker in status.consuming
@@ -218,11 +224,14 @@ def _as_json(status: Status) -> str:
                 "telemetry": {"enabled": status.telemetry_enabled, "decided_by": status.decided_by},
                 "broker": {key: value for key, value in asdict(status.broker).items()
                            if key not in ("queue_depth", "unacked", "queue_error", "counts", "counts_error",
-                                          "backlog", "max_backlog", "backlog_counted_by")},
+                                          "backlog", "max_backlog", "backlog_counted_by", "backlog_bytes",
+                                          "max_backlog_bytes")},
                 "queue": {"name": status.queue, "depth": status.broker.queue_depth,
                           "unacked": status.broker.unacked, "error": status.broker.queue_error},
-                # In events, against RUBRIX_TELEMETRY_MAX_BACKLOG (the same keys as `preview`'s).
+                # In events against RUBRIX_TELEMETRY_MAX_BACKLOG, in bytes against
+                # RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES (the same keys as `preview`'s).
                 "backlog": {"events": status.broker.backlog, "max": status.broker.max_backlog,
+                            "bytes": status.broker.backlog_bytes, "max_bytes": status.broker.max_backlog_bytes,
                             "counted_by": status.broker.backlog_counted_by},
                 "endpoint": status.endpoint, "write_key_set": status.write_key_set,
                 "counts": status.broker.counts, "counts_error": status.broker.counts_error,
@@ -261,8 +270,10 @@ def _as_text(status: Status) -> str:
     elif unreported:
         lines.append(f"queue:      {status.queue}: depth not reported by {urlsplit(broker.url).scheme}:// brokers")
     if broker.backlog is not None:
+        size = ("" if broker.backlog_bytes is None else
+                f"{broker.backlog_bytes} of {broker.max_backlog_bytes} bytes (RUBRIX_TELEMETRY_MAX_BACKLOG_BYTES); ")
         lines.append(f"backlog:    {broker.backlog} of {broker.max_backlog} events (RUBRIX_TELEMETRY_MAX_BACKLOG); "
-                     f"counted by {broker.backlog_counted_by}")
+                     f"{size}counted by {broker.backlog_counted_by}")
     elif unreported:
         lines.append(f"backlog:    counted by {broker.backlog_counted_by}")
     if broker.answers:

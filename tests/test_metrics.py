@@ -144,6 +144,10 @@ def test_prometheus_scrapes_the_deployments_counts_and_workers(redis_server, col
     assert (served[("rubrix_telemetry_events_delivered_total", None)],
             served[("rubrix_telemetry_events_dropped_total", "refused")]) == (5.0, 1.0)
     assert b"test-write-key" not in body and b"redis://" not in body
+    # What waits, in events and in Redis's bytes (all delivered: nothing), against both limits.
+    assert (served[("rubrix_telemetry_backlog_limit_events", None)],
+            served[("rubrix_telemetry_backlog_limit_bytes", None)]) == (100_000, 40 << 20)
+    assert 0 <= served[("rubrix_telemetry_backlog_bytes", None)] < 2_000, served
 
     figures = {name: prometheus.values(query)[""] for name, query in {
         "scrapes": 'count_over_time(up{job="rubrix-telemetry"}[1h])',

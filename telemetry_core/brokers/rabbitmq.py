@@ -4,8 +4,12 @@ RabbitMQ stores no values, so each worker keeps its delivery counts in its own d
 
 The backlog can only be estimated here: a passive declare tells the messages ready in the
 queue, not the events they carry (reading a header means consuming the message), nor the
-messages workers hold. `RabbitMQBroker.backlog` counts each ready message as
-`events_per_task` events: an upper bound on what is queued, blind to what workers hold.
+messages workers hold. `RabbitMQBroker.backlog` counts the ready messages times the mean
+events per message of what this process published lately, or, in a process that publishes
+nothing (`status`, `preview`, the metrics), of what a server shared in a stream
+(`rabbitmq_sizes`): a quiet server's one-event messages are no longer read as 500 events
+each. Without either, each counts as `events_per_task`: an upper bound. All are blind to what
+workers hold. No byte figure: AMQP reports none (`backlog_bytes` is None).
 RabbitMQ's own bound (`x-max-length-bytes`, `x-overflow: reject-publish`) is not declared:
 it counts bytes, not events, and a queue argument is fixed at the first declare (the README,
 Brokers, says why, and how an operator can add it as a policy).
@@ -20,6 +24,7 @@ server that never publishes never loads it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -27,6 +32,7 @@ import time
 import uuid
 from typing import Any
 
+from telemetry_core.brokers import rabbitmq_sizes
 from telemetry_core.brokers.base import Broker, BrokerRefusedWorker, PublishUnconfirmed, QueueMisconfigured, QueueState
 from telemetry_core.settings import Settings
 
@@ -316,12 +322,22 @@ class RabbitMQBroker(Broker):
             return QueueState(problem=str(error))
 
     def backlog(self, timeout: float, under: int | None = None) -> int | None:
-        # An estimate (see the module's docstring): ready messages, each at its most events.
-        return ready_messages(self.settings, timeout) * self.settings.events_per_task
+        # An estimate (see the module's docstring): ready messages times what one carries.
+        ready = ready_messages(self.settings, timeout)
+        if not ready:
+            return 0
+        mean = rabbitmq_sizes.events_per_message(self.settings, lambda: _connection(self.settings, timeout))
+        return ready * self.settings.events_per_task if mean is None else math.ceil(ready * mean)
+
+    def message_published(self, events: int) -> None:
+        rabbitmq_sizes.record_publish(self.settings, events,
+                                      lambda: _connection(self.settings, self.settings.publish_timeout))
 
     def backlog_method(self) -> str:
-        return ("an estimate: ready messages times RUBRIX_TELEMETRY_EVENTS_PER_TASK; messages workers hold "
-                "are not seen")
+        return ("an estimate: ready messages times the mean events per message of this process's last "
+                f"{rabbitmq_sizes.RECENT_PUBLISHES} publishes, or (a process that publishes none) of the newest "
+                f"figure a server shared in the stream {rabbitmq_sizes.SIZES_STREAM.format(queue=self.settings.queue)}, "
+                "else RUBRIX_TELEMETRY_EVENTS_PER_TASK (an upper bound); messages workers hold are not seen")
 
     def shared_deployment_id(self, offered: str, timeout: float) -> str:
         return shared_deployment_id(self.settings, offered, timeout)

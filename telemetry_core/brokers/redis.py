@@ -4,9 +4,9 @@ and what rubrix-telemetry keeps there besides the queue.
 - The queue is a Redis list; messages a worker took and has not acknowledged (being
   delivered, or held for a retry countdown) wait in the hash `unacked` (transport option
   `unacked_key`) until the visibility timeout gives them to another worker.
-- The backlog (`RedisBroker.backlog`) is counted in events by a Lua script that sums the
-  event-count header of every message in the list and the hash, in Redis itself; the
-  publisher's check looks first at LLEN + HLEN, enough while the queue is far from full.
+- The backlog (`RedisBroker.backlog`) is a running count of events in a hash, kept true by
+  a recount in slices (`redis_backlog`); its bytes are Redis's own accounting of the list
+  and the unacked hash (`MEMORY USAGE`).
 - The delivery counts are the hash COUNTS_KEY (HINCRBY is atomic across workers).
 - The deployment id is the key DEPLOYMENT_ID_KEY, set once with SET NX.
 
@@ -20,53 +20,28 @@ password or ACL user, and, on Sentinel, a pool that finds the current master by 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
+from telemetry_core.brokers import redis_backlog
 from telemetry_core.brokers.base import Broker, BrokerRefusedWorker, QueueState
-from telemetry_core.message import EVENTS_HEADER
 from telemetry_core.settings import ConfigurationError, Settings, broker_transport_options
+
+log = logging.getLogger("telemetry_core.brokers.redis")
 
 COUNTS_KEY = "rubrix-telemetry:counts"
 DEPLOYMENT_ID_KEY = "rubrix-telemetry:installation-id"
 # Redis on a Unix socket, as kombu spells it: redis+socket:///path/redis.sock[?virtual_host=N].
 SOCKET_SCHEME = "redis+socket"
-# kombu's default for the transport option `unacked_key`.
+# kombu's defaults for the transport options `unacked_key` and `unacked_index_key`.
 UNACKED_KEY = "unacked"
-
-
-# Sums the events of the messages in the queue (KEYS[1], a list) and of those workers hold
-# (KEYS[2], the unacked hash), in slices, so Redis never builds one reply of the whole queue.
-# The count is read from the raw JSON (the header's name is plain ASCII: it cannot occur in
-# the base64 body); a message without it counts ARGV[1] events. It runs inside Redis: one
-# round trip, and a figure no worker's move between two reads can skew. The headers come
-# after the body in kombu's JSON, ~500 bytes from the end: the header is looked for in the
-# last HEADER_TAIL_BYTES first, and in the whole message only when it is not there (500
-# messages of 100 events, 11 KB each, held Redis 43 ms per count scanned whole, 26 ms so).
-HEADER_TAIL_BYTES = 4096
-BACKLOG_SCRIPT = """
-local default = tonumber(ARGV[1])
-local pattern = '"%s"%%s*:%%s*(%%d+)'
-local total = 0
-local function add(raw)
-  local n = string.match(raw, pattern, math.max(1, #raw - %d))
-  if not n then n = string.match(raw, pattern) end
-  total = total + (n and tonumber(n) or default)
-end
-local length = redis.call('LLEN', KEYS[1])
-for first = 0, length - 1, 500 do
-  for _, raw in ipairs(redis.call('LRANGE', KEYS[1], first, first + 499)) do add(raw) end
-end
-local cursor = '0'
-repeat
-  local page = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', 500)
-  cursor = page[1]
-  for i = 2, #page[2], 2 do add(page[2][i]) end
-until cursor == '0'
-return total
-""" % (EVENTS_HEADER, HEADER_TAIL_BYTES)
+UNACKED_INDEX_KEY = "unacked_index"
+# MEMORY USAGE samples this many elements of a list or hash and extrapolates: its cost stays
+# the same whatever waits.
+MEMORY_SAMPLES = 5
 
 
 class BrokerRedis:
@@ -216,28 +191,56 @@ class RedisBroker(Broker):
             "retry_on_timeout": False,
         }
 
+    def _option(self, name: str, default: str) -> str:
+        return str(self.settings.extra_transport_options.get(name, default))
+
     def queue_state(self, timeout: float) -> QueueState:
         with broker_redis(self.settings, timeout) as client:  # connecting pings it
-            unacked_key = self.settings.extra_transport_options.get("unacked_key", UNACKED_KEY)
-            return QueueState(depth=int(client.llen(self.settings.queue)), held=int(client.hlen(unacked_key)))
+            return QueueState(depth=int(client.llen(self.settings.queue)),
+                              held=int(client.hlen(self._option("unacked_key", UNACKED_KEY))))
 
     def backlog(self, timeout: float, under: int | None = None) -> int | None:
+        # The running count: one round trip whatever waits (`under` needs no cheaper look).
         client = process_client(self.settings, timeout)
-        queue = self.settings.queue
-        unacked_key = self.settings.extra_transport_options.get("unacked_key", UNACKED_KEY)
-        per_task = self.settings.events_per_task
-        if under is not None:
-            # The cheap first look: no message carries more than events_per_task events.
-            pipe = client.pipeline(transaction=False)
-            pipe.llen(queue)
-            pipe.hlen(unacked_key)
-            waiting, held = pipe.execute()
-            if (int(waiting) + int(held)) * per_task < under:
-                return (int(waiting) + int(held)) * per_task
-        return int(client.eval(BACKLOG_SCRIPT, 2, queue, unacked_key, per_task))
+        count, recount_due = redis_backlog.read_count(client, self.settings.queue)
+        if recount_due:
+            redis_backlog.recount_in_background(client, self.settings.queue, self._option("unacked_key", UNACKED_KEY),
+                                                self.settings.events_per_task)
+        return count
+
+    def backlog_bytes(self, timeout: float) -> int | None:
+        # Redis's own accounting, sampled: the list, the unacked hash and its index (every
+        # queue's messages that workers hold: give telemetry a database of its own).
+        from redis.exceptions import ResponseError
+
+        pipe = process_client(self.settings, timeout).pipeline(transaction=False)
+        for key in (self.settings.queue, self._option("unacked_key", UNACKED_KEY),
+                    self._option("unacked_index_key", UNACKED_INDEX_KEY)):
+            pipe.memory_usage(key, samples=MEMORY_SAMPLES)
+        try:
+            return sum(int(size or 0) for size in pipe.execute())
+        except ResponseError as refused:  # an ACL user without MEMORY: it answers, but cannot tell
+            log.debug("telemetry: Redis does not tell the backlog's bytes: %s", refused)
+            return None
+
+    def message_published(self, events: int) -> None:
+        try:
+            redis_backlog.add_published(process_client(self.settings, self.settings.publish_timeout),
+                                        self.settings.queue, events)
+        except Exception as error:  # noqa: BLE001 (the recount finds what this misses)
+            log.debug("telemetry: could not add a message to the backlog count: %r", error)
+
+    def message_settled(self, events: int) -> None:
+        try:
+            redis_backlog.subtract_settled(process_client(self.settings, self.settings.publish_timeout),
+                                           self.settings.queue, events)
+        except Exception as error:  # noqa: BLE001 (the recount finds what this misses)
+            log.debug("telemetry: could not take a message from the backlog count: %r", error)
 
     def backlog_method(self) -> str:
-        return "the event-count header of each message in the list and the unacked hash, summed in Redis"
+        return (f"a running count of the events published and settled, recounted from each message's header "
+                f"every {redis_backlog.RECOUNT_INTERVAL}s in slices; bytes: Redis's MEMORY USAGE of the list and "
+                "the unacked hash")
 
     def counts_store(self, timeout: float) -> RedisCounts:
         return RedisCounts(process_client(self.settings, timeout))
