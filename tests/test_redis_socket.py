@@ -56,7 +56,7 @@ def test_redis_on_a_unix_socket_is_redis_backlog_counts_and_deployment_id(socket
     code, document, stderr = status_json(**broker)
     assert document["broker"]["answers"] and document["queue"]["depth"] >= 1, (document, stderr)
     assert document["backlog"]["events"] == EVENTS, document["backlog"]
-    assert "summed in Redis" in document["backlog"]["counted_by"]
+    assert "running count" in document["backlog"]["counted_by"]
 
     children.worker(QUEUE, backend.url, env={name: value for name, value in broker.items()
                                              if name != "RUBRIX_TELEMETRY_QUEUE"})
