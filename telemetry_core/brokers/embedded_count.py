@@ -129,13 +129,25 @@ class State:
             return None
 
     @classmethod
-    def of(cls, census: dict[str, int], recounted_at: float) -> State:
-        state = cls(recounted_at=recounted_at)
-        for name, size in census.items():
-            queue = queue_of(name)
-            if queue is not None:
-                state.tally(queue).change(name, size, +1)
-        return state
+    def of(cls, messages: dict[str, int], recounted_at: float) -> State:
+        """The count of these message files (name -> size; names `queue_of` accepts)."""
+        # One pass, grouped by the name's `<queue>.msg` end: at 100,000 files a recount's cost is
+        # mostly this loop's.
+        figures_by_end: dict[str, list[int]] = {}
+        for name, size in messages.items():
+            head, _, end = name.partition(".")
+            figures = figures_by_end.get(end)
+            if figures is None:
+                figures = figures_by_end[end] = [0, 0, 0, 0]
+            figures[0] += 1
+            figures[3] += size
+            parts = head.split("_")
+            if len(parts) == 3 and parts[2].isdigit():
+                figures[1] += int(parts[2])
+            else:
+                figures[2] += 1
+        return cls({end.removesuffix(".msg"): Tally(*figures) for end, figures in figures_by_end.items()},
+                   recounted_at)
 
 
 @dataclass
@@ -160,6 +172,17 @@ class Census:
     messages: dict[str, int] = field(default_factory=dict)
     hidden: list[str] = field(default_factory=list)
     uncounted: list[str] = field(default_factory=list)
+    # Whether a name ending so (`<queue>.msg`) is a counted message (2), an uncounted one (1) or
+    # no message (0): decided once per queue, not once per file.
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def kind(self, name: str, counted: Callable[[str], bool]) -> int:
+        end = name.partition(".")[2]
+        kind = self.kinds.get(end)
+        if kind is None:
+            queue = queue_of(name)  # depends on `end` alone for a name not starting with "."
+            kind = self.kinds[end] = 0 if queue is None else 2 if counted(queue) else 1
+        return kind
 
 
 _warned: set[str] = set()
@@ -323,22 +346,42 @@ class BacklogCount:
             os.close(lock_fd)
 
     def _recount_holding_lock(self, due_after: float, counted: Callable[[str], bool]) -> Census | None:
+        # First the names alone (one listing, no stat): when they make the messages and events
+        # the count has, the count is right, its bytes included. Only when they do not (a file
+        # the count did not see) is each file's size read, for a count from scratch.
+        for sized in (False, True):
+            begun = self._begin(due_after)
+            if begun is not True:
+                return None if begun is False else self.take_census(counted, sized=True)  # cannot be kept
+            census = self.take_census(counted, sized=sized)
+            if self._finish(census, counted, replace=sized):
+                return census
+        return None
+
+    def _begin(self, due_after: float) -> bool | None:
+        """Starts journaling the changes; False when the last recount is not `due_after` old
+        (another process has just recounted), None when the count cannot be kept."""
         fd = self._open(fcntl.LOCK_EX)
         if fd is None:
-            return self.take_census(counted)
+            return None
         try:
             state = self._read(fd) or State()
             if not state.due(due_after, time.time()):
-                return None  # another process has just recounted
+                return False
             state.recounting = True  # from now on, every change is journaled
-            self._clear_journal()  # what a recounter killed mid-way left
+            self._clear_journal()  # what a recounter killed mid-way left, or a first pass's
             self._write(fd, state)
+            return True
         finally:
             os.close(fd)
-        census = self.take_census(counted)
+
+    def _finish(self, census: Census, counted: Callable[[str], bool], replace: bool) -> bool:
+        """Ends a recount: what waits is what the census saw, plus what was published while it
+        listed, less what was removed meanwhile. `replace`: that becomes the count; else the
+        count is kept when it agrees (messages and events), and False is returned when not."""
         fd = self._open(fcntl.LOCK_EX)
         if fd is None:
-            return census
+            return True
         try:
             state = self._read(fd) or State()
             found = dict(census.messages)
@@ -347,61 +390,75 @@ class BacklogCount:
             for sign, name, size in self._journal_entries():
                 journaled += 1
                 if sign == "+":
-                    found.setdefault(name, size)  # published after the listing passed its place
+                    if not name.startswith(".") and census.kind(name, counted) == 2:
+                        found.setdefault(name, size)  # published after the listing passed its place
                 else:
                     removed.add(name)  # gone, whether the listing saw it or not
             if journaled > JOURNAL_LIMIT:
                 log.info("embedded queue: backlog recount given up (%d changes while it listed)", journaled)
                 state.recounting = False
                 self._write(fd, state)
-                return None
+                return True
             for name in removed:
                 found.pop(name, None)
-            self._write(fd, State.of({name: size for name, size in found.items()
-                                      if (queue := queue_of(name)) is not None and counted(queue)}, time.time()))
+            recounted = State.of(found, time.time())
+            if not replace:
+                if not _agree(recounted, state, counted):
+                    return False  # the journal goes on: the sized pass starts it afresh
+                state.recounting, state.recounted_at = False, recounted.recounted_at
+                recounted = state
+            self._write(fd, recounted)
             self._clear_journal()
+            return True
         finally:
             os.close(fd)
-        return census
 
-    def take_census(self, counted: Callable[[str], bool]) -> Census:
-        """Every counted message file in the queue folder and the unacked folders, with its size."""
+    def take_census(self, counted: Callable[[str], bool], sized: bool = True) -> Census:
+        """Every counted message file in the queue folder and the unacked folders, with its size
+        (`sized`; else 0: no stat)."""
         census = Census()
-        self._list_unacked(census, counted)  # first and last: a message a worker takes or puts
-        self._list_folder(self.queue_folder, census, counted, of_queue_folder=True)  # back meanwhile
-        self._list_unacked(census, counted)  # is seen in one of the three listings
+        self._list_unacked(census, counted, sized)  # first and last: a message a worker takes or puts
+        self._list_folder(self.queue_folder, census, counted, sized, of_queue_folder=True)  # back meanwhile
+        self._list_unacked(census, counted, sized)  # is seen in one of the three listings
         return census
 
-    def _list_unacked(self, census: Census, counted: Callable[[str], bool]) -> None:
+    def _list_unacked(self, census: Census, counted: Callable[[str], bool], sized: bool) -> None:
         try:
             owners = os.listdir(self.unacked_root)
         except OSError:
             return
         for owner in owners:
             if not owner.endswith(".lock"):
-                self._list_folder(self.unacked_root / owner, census, counted)
+                self._list_folder(self.unacked_root / owner, census, counted, sized)
 
     @staticmethod
-    def _list_folder(folder: Path, census: Census, counted: Callable[[str], bool],
+    def _list_folder(folder: Path, census: Census, counted: Callable[[str], bool], sized: bool,
                      of_queue_folder: bool = False) -> None:
         try:
-            entries = os.scandir(folder)
+            names = os.listdir(folder)
         except OSError:
             return  # gone (its worker acked its last message and ended), or not a folder
-        with entries:
-            for entry in entries:
-                queue = queue_of(entry.name)
-                if queue is None:
-                    if of_queue_folder and entry.name.startswith("."):
-                        census.hidden.append(entry.name)
-                    continue
-                if not counted(queue):
-                    if of_queue_folder:
-                        census.uncounted.append(entry.name)
-                    continue
-                if entry.name in census.messages:
-                    continue
-                try:
-                    census.messages[entry.name] = entry.stat().st_size
-                except FileNotFoundError:
-                    continue  # taken or settled since the listing: another listing or the journal has it
+        for name in names:
+            if name in census.messages:
+                continue
+            if name.startswith("."):
+                if of_queue_folder:
+                    census.hidden.append(name)
+                continue
+            kind = census.kind(name, counted)
+            if kind == 1 and of_queue_folder:
+                census.uncounted.append(name)
+            if kind != 2:
+                continue
+            try:
+                census.messages[name] = os.stat(os.path.join(folder, name)).st_size if sized else 0
+            except FileNotFoundError:
+                continue  # taken or settled since the listing: another listing or the journal has it
+
+
+def _agree(recounted: State, state: State, counted: Callable[[str], bool]) -> bool:
+    """Whether the names found make the messages and events the running count has, queue by queue."""
+    def figures(of: State) -> dict[str, tuple[int, int, int]]:
+        return {queue: (tally.messages, tally.named_events, tally.unnamed) for queue, tally in of.queues.items()
+                if counted(queue) and (tally.messages, tally.named_events, tally.unnamed) != (0, 0, 0)}
+    return figures(recounted) == figures(state)
