@@ -67,9 +67,9 @@ import socket
 import threading
 import time
 import uuid
+from functools import cached_property
 from pathlib import Path
 from queue import Empty
-from functools import cached_property
 from typing import Any, Iterator
 
 from kombu.exceptions import ChannelError
@@ -303,7 +303,7 @@ def is_counted_queue(queue: str) -> bool:
     return not is_broadcast_queue(queue)
 
 
-def expire_broadcasts(channel: filesystem.Channel, control_ttl: float, event_ttl: float) -> set[str]:
+def expire_broadcasts(channel: Channel, control_ttl: float, event_ttl: float) -> set[str]:
     """Deletes every broadcast message older than its TTL, and unbinds its queue (the queue of
     a consumer that is gone: a live one took it long ago); returns those queues."""
     queue_folder = channel.broadcast_folder
