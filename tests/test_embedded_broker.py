@@ -189,7 +189,8 @@ def _bound_queues(broker: Path, exchange: str) -> list[str]:
 
 
 def _messages_of(broker: Path, queue: str) -> list[str]:
-    return [name for name in _left_in(broker / "queue") if name.endswith(f".{queue}.msg")]
+    """A broadcast queue's messages: in `broadcast/`, apart from the task messages."""
+    return [name for name in _left_in(broker / "broadcast") if name.endswith(f".{queue}.msg")]
 
 
 @pytest.mark.slow

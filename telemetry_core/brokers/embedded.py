@@ -25,12 +25,30 @@ within Celery's own TTL (remote control 300 s, events 5 s; transport options
 consumer binds its queues again at every sweep, so a stall longer than the TTL costs it
 only the broadcasts of that moment.
 
+Those broadcasts live in a folder of their own, `broadcast/`, beside `queue/` (which holds the
+task messages only): a worker polls its mailbox ten times a second, and while its task queue is
+paused (the breaker, in an outage) that poll listed every waiting task message (21 % of a core
+at 20,000 files). An earlier release's broadcast files found in `queue/` are moved there.
+
+Costs that do not follow what waits:
+- a consumer lists the task queue's folder once, sorts the names and takes from that listing
+  until it is used up (a name another consumer took first is skipped: its rename fails), then
+  lists again; kombu listed and sorted the whole folder for each message (draining 50,000
+  files took 10.7 messages a second);
+- the backlog (messages, events, bytes) is a running count kept in `broker/backlog.json`,
+  changed under a lock by every publish, ack and drop, and recounted from the listings every
+  30 s by one consumer (`embedded_count.py`), so the server's check before each publish and
+  `status` read one small file whatever waits;
+- the sweep every 5 s lists `unacked/` and `broadcast/` only; the partial files in `queue/`
+  are looked for by the recount's listing.
+
 Every move is a rename inside the data folder: atomic, so exactly one consumer takes each
 message, and no file is written anywhere else. Message files keep kombu's names
-(`<ms>_<uuid>.<queue>.msg`), so a returned message sorts before newer ones and `status`
-counts the queue as before; a task message carrying `message.EVENTS_HEADER` gets its event
-count after the uuid (`<ms>_<uuid>_<events>.<queue>.msg`), so that the backlog is counted in
-events from the folders' listings alone, never by reading a file. POSIX only (fcntl), as is the rest of the data folder's locking.
+(`<ms>_<uuid>.<queue>.msg`), so a returned message sorts before newer ones; a task message
+carrying `message.EVENTS_HEADER` gets its event count after the uuid
+(`<ms>_<uuid>_<events>.<queue>.msg`), so that the count (and its recount) knows a message's
+events from its name, never by reading the file. POSIX only (fcntl), as is the rest of the
+data folder's locking.
 
 The URL `embedded://` names this transport; `register()` makes kombu know it, in every
 process that connects (`EmbeddedBroker.transport_options` calls it). The delivery counts and
@@ -40,6 +58,7 @@ the deployment id live in the same data folder, which server and workers share a
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import fcntl
 import logging
@@ -48,6 +67,7 @@ import socket
 import threading
 import time
 import uuid
+from functools import cached_property
 from pathlib import Path
 from queue import Empty
 from typing import Any, Iterator
@@ -59,6 +79,8 @@ from kombu.utils.json import dumps, loads
 
 from telemetry_core.brokers import alongside
 from telemetry_core.brokers.base import Broker, QueueState
+from telemetry_core.brokers.embedded_count import (COUNT_FILE, READER_RECOUNT_AFTER, RECOUNT_INTERVAL, BacklogCount,
+                                                   Census, Change, Tally, queue_of)
 from telemetry_core.counts import FileCounts
 from telemetry_core.message import EVENTS_HEADER
 from telemetry_core.settings import EMBEDDED_SCHEME, Settings
@@ -162,8 +184,10 @@ def _warn_once(path: Path, doing: str, error: OSError) -> None:
                 error.strerror or error)
 
 
-def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = None) -> int:
-    """Moves back into the queue every taken message whose owner process has ended; returns how many.
+def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = None,
+                    broadcast_folder: Path | None = None) -> int:
+    """Moves back into the queue every taken message whose owner process has ended (a broadcast
+    into `broadcast_folder`, when given); returns how many.
 
     An entry it cannot open or move (another user's, a bad mode) is skipped with one warning,
     never raised: a raise here would stop the worker that sweeps, and every worker after it.
@@ -203,8 +227,9 @@ def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = N
                 continue
             stuck = False
             for message in taken:
+                home = broadcast_folder if broadcast_folder is not None and is_broadcast_name(message) else queue_folder
                 try:
-                    os.rename(folder / message, queue_folder / message)
+                    os.rename(folder / message, home / message)
                     restored += 1
                 except FileNotFoundError:
                     pass
@@ -232,12 +257,13 @@ def restore_orphans(unacked_root: Path, queue_folder: Path, skip: str | None = N
     return restored
 
 
-def remove_abandoned_partials(queue_folder: Path) -> int:
+def remove_abandoned_partials(queue_folder: Path, names: list[str] | None = None) -> int:
     """Deletes the partial files of publishers that died mid-write (never renamed into place,
-    so never a message anyone took or counted); returns how many."""
+    so never a message anyone took or counted); returns how many. `names`: the folder's
+    entries, when a listing has them already."""
     now = time.time()
     removed = 0
-    for name in os.listdir(queue_folder):
+    for name in os.listdir(queue_folder) if names is None else names:
         if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
             continue
         try:
@@ -262,15 +288,30 @@ def broadcast_ttl(queue: str, control_ttl: float, event_ttl: float) -> float | N
     return None
 
 
-def expire_broadcasts(channel: filesystem.Channel, control_ttl: float, event_ttl: float) -> set[str]:
+def is_broadcast_queue(queue: str) -> bool:
+    """Whether the queue is one of Celery's broadcast queues (a worker's mailbox, a reply queue,
+    an event queue): kept in `broadcast/`, never counted in the backlog."""
+    return broadcast_ttl(queue, 0.0, 0.0) is not None
+
+
+def is_broadcast_name(name: str) -> bool:
+    queue = queue_of(name)
+    return queue is not None and is_broadcast_queue(queue)
+
+
+def is_counted_queue(queue: str) -> bool:
+    return not is_broadcast_queue(queue)
+
+
+def expire_broadcasts(channel: Channel, control_ttl: float, event_ttl: float) -> set[str]:
     """Deletes every broadcast message older than its TTL, and unbinds its queue (the queue of
     a consumer that is gone: a live one took it long ago); returns those queues."""
-    queue_folder = Path(channel.data_folder_in)
+    queue_folder = channel.broadcast_folder
     now = time.time()
     stale: set[str] = set()
     for name in os.listdir(queue_folder):
-        queue = name.partition(".")[2].removesuffix(".msg")  # `<ms>_<uuid>.<queue>.msg`
-        ttl = broadcast_ttl(queue, control_ttl, event_ttl)
+        queue = queue_of(name)  # `<ms>_<uuid>.<queue>.msg`
+        ttl = broadcast_ttl(queue, control_ttl, event_ttl) if queue is not None else None
         if ttl is None:
             continue
         try:
@@ -302,113 +343,166 @@ def _events_suffix(payload: Any) -> str:
     return f"_{events}" if isinstance(events, int) and not isinstance(events, bool) and events >= 0 else ""
 
 
-def events_in_name(name: str, default: int) -> int:
-    """The events a message file's name says it carries (`<ms>_<uuid>_<events>.<queue>.msg`);
-    `default` for a name without the count (kombu's, or an older release's)."""
-    parts = name.partition(".")[0].split("_")
-    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else default
-
-
 class Channel(filesystem.Channel):
     """The filesystem channel, taking messages by rename into this process's unacked folder."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._taken: dict[str, Path] = {}  # delivery tag -> its file in our unacked folder
+        self._taken: dict[str, tuple[Path, int]] = {}  # delivery tag -> its file in our unacked folder, its size
         self._no_ack_queues: set[str] = set()  # remote control and event queues: no acks come
         self._next_sweep = 0.0
         self._own_bindings: set[tuple[str, str, str, str]] = set()  # (exchange, routing key, pattern, queue)
+        # Per task queue, the names of its last listing not taken yet, in kombu's order (oldest first).
+        self._listings: dict[str, collections.deque[str]] = {}
 
     @property
     def unacked_root(self) -> Path:
         return Path(self.transport_options.get("unacked_folder", "unacked"))
 
+    @cached_property
+    def broadcast_folder(self) -> Path:
+        folder = Path(self.transport_options.get("broadcast_folder") or Path(self.data_folder_in).parent / "broadcast")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @cached_property
+    def backlog_count(self) -> BacklogCount:
+        queue_folder = Path(self.data_folder_in)
+        return BacklogCount(queue_folder.parent, queue_folder, self.unacked_root)
+
+    def _folder_of(self, queue: str) -> Path:
+        return self.broadcast_folder if is_broadcast_queue(queue) else Path(self.data_folder_in)
+
     # -- taking ----------------------------------------------------------------------
     def _get(self, queue: str) -> dict[str, Any]:
-        queue_folder = self.data_folder_in
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + ORPHAN_SWEEP_INTERVAL
-            self._sweep(Path(queue_folder))
-        wanted = f"{queue}.msg"
-        for name in sorted(os.listdir(queue_folder)):
-            if name.partition(".")[2] != wanted:
+            self._sweep()
+        folder = self._folder_of(queue)
+        names = self._listings.setdefault(queue, collections.deque())
+        if is_broadcast_queue(queue):
+            names.clear()  # a small folder: listed at each poll, so a broadcast is taken in order
+        listed = False
+        while True:
+            if not names:
+                if listed:
+                    raise Empty()
+                # The one listing (and sort) of the folder until these names are used up.
+                wanted = f"{queue}.msg"
+                names.extend(sorted(name for name in os.listdir(folder) if name.partition(".")[2] == wanted))
+                listed = True
                 continue
-            taken = _owner_for(self.unacked_root).folder / name
-            try:
-                os.rename(os.path.join(queue_folder, name), taken)
-            except FileNotFoundError:
-                continue  # another consumer took it first
-            try:
-                payload = loads(bytes_to_str(taken.read_bytes()))
-                tag = payload["properties"]["delivery_tag"]
-            except PermissionError as error:
-                # Another user's file, its mode too narrow for us (a publisher's umask): left in the
-                # queue for a process that can read it, or for us once the mode is fixed.
-                _warn_once(Path(queue_folder, name), "read", error)
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(taken, os.path.join(queue_folder, name))
-                continue
-            except (ValueError, TypeError, KeyError):
-                # Since `_put` renames a message in only once it is whole, this is a file written
-                # in place (still being written, if recent) or not a message at all.
-                self._set_aside_unreadable(taken, queue_folder)
-                continue
-            if queue in self._no_ack_queues:
-                taken.unlink()
-            else:
-                self._taken[tag] = taken
-            return payload
-        raise Empty()
+            payload = self._take(folder, names.popleft(), queue)
+            if payload is not None:
+                return payload
 
-    def _set_aside_unreadable(self, taken: Path, queue_folder: str) -> None:
+    def _take(self, folder: Path, name: str, queue: str) -> dict[str, Any] | None:
+        """The message, moved into our unacked folder; None when it is not to be taken now."""
+        taken = _owner_for(self.unacked_root).folder / name
+        try:
+            os.rename(folder / name, taken)
+        except FileNotFoundError:
+            return None  # another consumer took it first
+        try:
+            raw = taken.read_bytes()
+            payload = loads(bytes_to_str(raw))
+            tag = payload["properties"]["delivery_tag"]
+        except PermissionError as error:
+            # Another user's file, its mode too narrow for us (a publisher's umask): left in the
+            # queue for a process that can read it, or for us once the mode is fixed.
+            _warn_once(folder / name, "read", error)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(taken, folder / name)
+            return None
+        except (ValueError, TypeError, KeyError):
+            # Since `_put` renames a message in only once it is whole, this is a file written
+            # in place (still being written, if recent) or not a message at all.
+            self._set_aside_unreadable(taken, folder)
+            return None
+        if queue in self._no_ack_queues:
+            self._remove(taken, len(raw))
+        else:
+            self._taken[tag] = (taken, len(raw))
+        return payload
+
+    def _set_aside_unreadable(self, taken: Path, folder: Path) -> None:
         """A file that does not parse: back into the queue while it may still be being written,
-        then into `unreadable/` beside the queue, kept for the operator and never taken again."""
+        then into `unreadable/` beside the queue, kept for the operator and never taken again
+        (nor counted in the backlog)."""
         try:
             if time.time() - taken.stat().st_mtime < UNREADABLE_GRACE:
-                os.rename(taken, os.path.join(queue_folder, taken.name))
+                os.rename(taken, folder / taken.name)
                 return
             self.unreadable_folder.mkdir(exist_ok=True)
-            os.rename(taken, self.unreadable_folder / taken.name)
+            with self._counted_change(taken.name) as change:
+                size = taken.stat().st_size
+                os.rename(taken, self.unreadable_folder / taken.name)
+                if change is not None:
+                    change.remove(taken.name, size)
         except FileNotFoundError:
             return
         log.warning("embedded queue: %s is not a readable message: moved to %s", taken.name, self.unreadable_folder)
 
+    def _counted_change(self, name: str) -> contextlib.AbstractContextManager[Change | None]:
+        """The backlog count's lock for a move of this message in or out of what waits, and where
+        to note it; for a broadcast, which is not counted, nothing to hold (None)."""
+        return contextlib.nullcontext() if is_broadcast_name(name) else self.backlog_count.change()
+
+    def _remove(self, taken: Path, size: int) -> None:
+        """Deletes a message this process took, settled for good, and takes it off the count."""
+        with self._counted_change(taken.name) as change:
+            try:
+                taken.unlink()
+            except FileNotFoundError:
+                return
+            if change is not None:
+                change.remove(taken.name, size)
+
     # -- publishing ------------------------------------------------------------------------
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        """kombu's `_put`, but the message appears under its name only once it is whole.
+        """kombu's `_put`, but the message appears under its name only once it is whole, and is counted.
 
         kombu creates the file under its final name and then writes it, so a consumer listing
         the folder meanwhile took it empty or cut short (and dropped it as unreadable). Here
-        it is written under a name no consumer and no `status` count matches, flushed to
-        disk (a crash must not leave a renamed but empty file) and renamed into place:
-        kombu's name and ordering are kept.
+        it is written under a name no consumer and no count matches, flushed to disk (a crash
+        must not leave a renamed but empty file) and renamed into place, under the backlog
+        count's lock (a broadcast into `broadcast/`, uncounted): kombu's name and ordering are kept.
         """
         name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}{_events_suffix(payload)}.{queue}.msg"
-        final = os.path.join(self.data_folder_out, name)
-        partial = os.path.join(self.data_folder_out, f".{name}{PARTIAL_SUFFIX}")
-        data = memoryview(str_to_bytes(dumps(payload)))
+        folder = self._folder_of(queue)
+        final = folder / name
+        partial = folder / f".{name}{PARTIAL_SUFFIX}"
+        data = str_to_bytes(dumps(payload))
+        unwritten = memoryview(data)
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
             try:
-                while data:
-                    data = data[os.write(fd, data):]
+                while unwritten:
+                    unwritten = unwritten[os.write(fd, unwritten):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(partial, final)
+            with self._counted_change(name) as change:
+                os.rename(partial, final)
+                if change is not None:
+                    change.add(name, len(data))
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(partial)
-            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+            raise ChannelError(f"Cannot add file {str(final)!r} to directory") from exc
 
     @property
     def unreadable_folder(self) -> Path:
         return Path(self.transport_options.get("unreadable_folder") or self.unacked_root.parent / "unreadable")
 
-    def _sweep(self, queue_folder: Path) -> None:
+    def _sweep(self) -> None:
+        """Every ORPHAN_SWEEP_INTERVAL: listings of `unacked/` and `broadcast/` (small whatever
+        waits), and every RECOUNT_INTERVAL the backlog's recount, which lists `queue/`."""
+        queue_folder = Path(self.data_folder_in)
         mine = _owners.get((os.getpid(), self.unacked_root))
-        restore_orphans(self.unacked_root, queue_folder, skip=mine.name if mine else None)
-        remove_abandoned_partials(queue_folder)
+        restore_orphans(self.unacked_root, queue_folder, skip=mine.name if mine else None,
+                        broadcast_folder=self.broadcast_folder)
+        remove_abandoned_partials(self.broadcast_folder)
         expire_broadcasts(self, float(self.transport_options.get("control_message_ttl", CONTROL_MESSAGE_TTL)),
                           float(self.transport_options.get("event_message_ttl", EVENT_MESSAGE_TTL)))
         # Bind again the queues this channel consumes: another sweeper unbinds a queue whose
@@ -416,6 +510,41 @@ class Channel(filesystem.Channel):
         for exchange, routing_key, pattern, queue in self._own_bindings:
             if queue in self._active_queues:
                 super()._queue_bind(exchange, routing_key, pattern, queue)
+        census = self.backlog_count.recount(RECOUNT_INTERVAL, is_counted_queue)
+        if census is not None:
+            self._tidy_queue_folder(queue_folder, census)
+
+    def _tidy_queue_folder(self, queue_folder: Path, census: Census) -> None:
+        """What the recount's listing of `queue/` found besides task messages: partial files
+        (removed once abandoned) and an earlier release's broadcasts (moved to `broadcast/`)."""
+        remove_abandoned_partials(queue_folder, census.hidden)
+        for name in census.uncounted:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(queue_folder / name, self.broadcast_folder / name)
+
+    def _purge(self, queue: str) -> int:
+        """kombu's purge (also what deleting a queue does), in the queue's own folder, off the count."""
+        folder = self._folder_of(queue)
+        wanted = f"{queue}.msg"
+        purged = 0
+        for name in os.listdir(folder):
+            if name.partition(".")[2] != wanted:
+                continue
+            try:
+                self._remove(folder / name, (folder / name).stat().st_size)
+            except OSError:
+                continue  # taken meanwhile
+            purged += 1
+        return purged
+
+    def _size(self, queue: str) -> int:
+        """The messages of the queue (asked at each queue declare): from the count for a task
+        queue, held ones included; kombu listed the folder."""
+        if is_broadcast_queue(queue):
+            wanted = f"{queue}.msg"
+            return sum(1 for name in os.listdir(self.broadcast_folder) if name.partition(".")[2] == wanted)
+        state = self.backlog_count.read()
+        return state.tally(queue).messages if state is not None else 0
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         super()._queue_bind(exchange, routing_key, pattern, queue)
@@ -446,12 +575,14 @@ class Channel(filesystem.Channel):
         self._wake_consumer()
 
     def _restore(self, message: Any) -> None:
-        """Back into the queue under its own name (kombu would write a copy and lose track of ours)."""
-        taken = self._taken.pop(message.delivery_tag, None)
+        """Back into its folder under its own name (kombu would write a copy and lose track of
+        ours); uncounted: it never left what waits."""
+        taken, _ = self._taken.pop(message.delivery_tag, (None, 0))
         if taken is None:
             return super()._restore(message)
+        home = self.broadcast_folder if is_broadcast_name(taken.name) else Path(self.data_folder_in)
         try:
-            os.rename(taken, os.path.join(self.data_folder_in, taken.name))
+            os.rename(taken, home / taken.name)
         except FileNotFoundError:
             pass
 
@@ -461,9 +592,9 @@ class Channel(filesystem.Channel):
             transport.message_settled()
 
     def _discard(self, delivery_tag: str) -> None:
-        taken = self._taken.pop(delivery_tag, None)
+        taken, size = self._taken.pop(delivery_tag, (None, 0))
         if taken is not None:
-            taken.unlink(missing_ok=True)
+            self._remove(taken, size)
 
 
 class Transport(filesystem.Transport):
@@ -505,7 +636,7 @@ class Transport(filesystem.Transport):
 def broker_folders(settings: Settings) -> dict[str, Path]:
     """Where the embedded queue keeps its files; creates nothing (`status` only reads)."""
     root = settings.data_dir / "broker"
-    return {name: root / name for name in ("queue", "control", "unacked")}
+    return {name: root / name for name in ("queue", "control", "unacked", "broadcast")}
 
 
 def _names_in(folder: Path) -> Iterator[str]:
@@ -532,6 +663,7 @@ class EmbeddedBroker(Broker):
             "data_folder_out": str(folders["queue"]),
             "control_folder": str(folders["control"]),
             "unacked_folder": str(folders["unacked"]),
+            "broadcast_folder": str(folders["broadcast"]),
         }
 
     def start_worker_alongside(self) -> None:
@@ -545,39 +677,46 @@ class EmbeddedBroker(Broker):
         # kombu's default polling interval (1 s) would add up to a second to each answer.
         return {"polling_interval": POLLING_INTERVAL}
 
-    def _message_names(self) -> tuple[list[str], list[str]]:
-        """The names of the telemetry queue's messages: (waiting, held by workers); raises when
-        the queue's folder does not exist yet or cannot be used."""
+    def _tally(self) -> Tally | None:
+        """What waits in the telemetry queue, queued and held, from the running count (recounted
+        first when no consumer has for READER_RECOUNT_AFTER); None when nothing has started on
+        this data folder yet. Raises when the queue's folder cannot be used."""
         folders = broker_folders(self.settings)
         if not folders["queue"].is_dir():
-            raise FileNotFoundError(f"the embedded queue {folders['queue']} does not exist yet: "
-                                    "no server or worker with this RUBRIX_TELEMETRY_DATA_DIR has started")
+            return None
         if not os.access(folders["queue"], os.R_OK | os.W_OK):
             raise PermissionError(f"cannot read and write {folders['queue']}")
-        # kombu's filesystem transport names each message `<time>_<id>.<queue>.msg`; a taken
-        # message keeps its name in its worker's folder `unacked/<pid>-<random>/` until the ack
-        # deletes it (or it goes back to the queue when its worker dies).
+        count = BacklogCount(folders["queue"].parent, folders["queue"], folders["unacked"])
+        return count.current(READER_RECOUNT_AFTER, is_counted_queue).tally(self.settings.queue)
+
+    def _held(self) -> int:
+        """The telemetry queue's messages in the workers' unacked folders (a few per worker)."""
+        unacked = broker_folders(self.settings)["unacked"]
         ours = f"{self.settings.queue}.msg"
-        waiting = [name for name in os.listdir(folders["queue"]) if name.partition(".")[2] == ours]
-        unacked = folders["unacked"]
         held_folders = [folder for folder in unacked.iterdir() if folder.is_dir()] if unacked.is_dir() else []
-        held = [name for folder in held_folders for name in _names_in(folder) if name.partition(".")[2] == ours]
-        return waiting, held
+        return sum(1 for folder in held_folders for name in _names_in(folder) if name.partition(".")[2] == ours)
 
     def queue_state(self, timeout: float) -> QueueState:
-        waiting, held = self._message_names()
-        return QueueState(depth=len(waiting), held=len(held))
+        tally = self._tally()
+        if tally is None:
+            queue = broker_folders(self.settings)["queue"]
+            raise FileNotFoundError(f"the embedded queue {queue} does not exist yet: "
+                                    "no server or worker with this RUBRIX_TELEMETRY_DATA_DIR has started")
+        held = self._held()
+        # The count holds both; the held ones are listed, so `depth` lags the truth only as the count does.
+        return QueueState(depth=max(0, tally.messages - held), held=held)
 
     def backlog(self, timeout: float, under: int | None = None) -> int | None:
-        # Exact for this release's messages, from the listings alone (the count is in the name).
-        if not broker_folders(self.settings)["queue"].is_dir():
-            return 0  # nothing has started on this data folder yet: nothing waits
-        waiting, held = self._message_names()
-        default = self.settings.events_per_task
-        return sum(events_in_name(name, default) for names in (waiting, held) for name in names)
+        tally = self._tally()
+        return 0 if tally is None else tally.events(self.settings.events_per_task)
+
+    def backlog_bytes(self, timeout: float) -> int | None:
+        tally = self._tally()
+        return 0 if tally is None else max(0, tally.bytes)
 
     def backlog_method(self) -> str:
-        return "the event count in each message file's name (queue and unacked folders)"
+        return (f"a running count of the message files' events and bytes (queue and unacked folders) in "
+                f"broker/{COUNT_FILE}, recounted from their names every {RECOUNT_INTERVAL:.0f} s")
 
     def counts_store(self, timeout: float) -> FileCounts:
         return FileCounts(self.settings.data_dir)
