@@ -31,8 +31,8 @@ log = logging.getLogger("tasks.group_commit")
 
 
 # How long the sender waits for the next task of a backlog, and for all of them at most.
-GATHER_GAP = 0.005
-GATHER_MAX = 0.05
+GATHER_GAP = 0.01
+GATHER_MAX = 0.2
 
 
 def _tasks_held() -> int:
@@ -60,6 +60,10 @@ class GroupSender:
         self._hostname = ""
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        # Whether the last task came within GATHER_GAP of the one before it: tasks stream in
+        # (a backlog the broker hands over one by one) even when the worker holds few at a time.
+        self._streaming = False
+        self._last_arrival = 0.0
         self._pid = 0
 
     def deliver(self, messages: list[Message], hostname: str) -> DeliveryOutcome:
@@ -68,6 +72,8 @@ class GroupSender:
         with self._changed:
             self._start_thread()
             self._hostname = hostname
+            now = time.monotonic()
+            self._streaming, self._last_arrival = now - self._last_arrival < GATHER_GAP, now
             self._waiting.append(waiting)
             self._changed.notify()
         waiting.done.wait()
@@ -102,13 +108,15 @@ class GroupSender:
             return taken
 
     def _gather(self) -> None:
-        """While the worker holds tasks that have not reached the sender yet (a backlog is being
-        drained), waits for them as long as they keep coming, GATHER_GAP apart, GATHER_MAX at most:
-        a POST to a nearby backend takes less than the worker needs to start a task, so without it
-        the tasks of a backlog would go out nearly one by one. A quiet worker (every task it holds
-        waits here already) sends at once. Called with the condition held."""
+        """While a backlog is being drained (the worker holds tasks that have not reached the
+        sender yet, or tasks keep coming less than GATHER_GAP apart), waits for the next ones as
+        long as they keep coming, GATHER_MAX at most: a POST to a nearby backend takes less than
+        the worker needs to take and start a task, so without it the tasks of a backlog would go
+        out nearly one by one, each paying a POST and a count. A quiet worker (every task it
+        holds waits here already, the last came long ago) sends at once. Called with the
+        condition held."""
         deadline = time.monotonic() + GATHER_MAX
-        while len(self._waiting) < MAX_BATCH_EVENTS and _tasks_held() > len(self._waiting):
+        while len(self._waiting) < MAX_BATCH_EVENTS and (self._streaming or _tasks_held() > len(self._waiting)):
             before, left = len(self._waiting), deadline - time.monotonic()
             if left <= 0:
                 return
