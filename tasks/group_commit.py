@@ -15,7 +15,6 @@ down before dropping anything.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import threading
 import time
@@ -26,8 +25,6 @@ from telemetry_core.settings import Settings
 from tasks.remote_status import record_last_delivery
 from tasks.segment import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, DeliveryOutcome, Group, Message, deliver_groups, \
     encode_group, merged
-
-log = logging.getLogger("tasks.group_commit")
 
 
 # How long the sender waits for the next task of a backlog, and for all of them at most.
@@ -64,6 +61,7 @@ class GroupSender:
         # (a backlog the broker hands over one by one) even when the worker holds few at a time.
         self._streaming = False
         self._last_arrival = 0.0
+        self._concurrent = False
         self._pid = 0
 
     def deliver(self, messages: list[Message], hostname: str) -> DeliveryOutcome:
@@ -74,6 +72,9 @@ class GroupSender:
             self._hostname = hostname
             now = time.monotonic()
             self._streaming, self._last_arrival = now - self._last_arrival < GATHER_GAP, now
+            # A solo worker, or a prefork pool's child, runs its tasks in its main thread, one at
+            # a time: no other task can come while this one waits, so nothing is gathered.
+            self._concurrent = threading.current_thread() is not threading.main_thread()
             self._waiting.append(waiting)
             self._changed.notify()
         waiting.done.wait()
@@ -116,7 +117,8 @@ class GroupSender:
         holds waits here already, the last came long ago) sends at once. Called with the
         condition held."""
         deadline = time.monotonic() + GATHER_MAX
-        while len(self._waiting) < MAX_BATCH_EVENTS and (self._streaming or _tasks_held() > len(self._waiting)):
+        while (self._concurrent and len(self._waiting) < MAX_BATCH_EVENTS
+               and (self._streaming or _tasks_held() > len(self._waiting))):
             before, left = len(self._waiting), deadline - time.monotonic()
             if left <= 0:
                 return

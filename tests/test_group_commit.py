@@ -8,6 +8,7 @@ the next tasks, as a real backend does, and they gather for the next POST.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -94,6 +95,38 @@ def test_narrowing_a_refused_batch_down_by_halves_keeps_each_groups_outcome(back
         assert len(group.outcome.delivered) == len(group.encoded) and not group.outcome.dropped
     assert len(backend.requests[0].messages) == sum(len(group.encoded) for group in groups)  # one POST first
     assert all(bad not in {m["messageId"] for m in r.messages} for r in backend.requests if r.status == 200)
+
+
+def test_a_quiet_worker_sends_a_task_at_once_and_gathers_only_what_streams_in(backend, monkeypatch):
+    from tasks import group_commit
+
+    # Waits long enough that any gathering shows: a quiet worker must not wait at all.
+    monkeypatch.setattr(group_commit, "GATHER_GAP", 3.0)
+    monkeypatch.setattr(group_commit, "GATHER_MAX", 3.0)
+    sender = group_commit.GroupSender(load_settings())
+    took: list[float] = []
+
+    def task(n: int) -> None:  # on a pool thread, as in the worker's thread pool
+        started = time.monotonic()
+        outcome = sender.deliver([{"type": "track", "event": "e", "anonymousId": "a", "messageId": f"q-{n}",
+                                   "timestamp": "t", "properties": {}, "context": {}}], "test@host")
+        assert len(outcome.delivered) == 1
+        took.append(time.monotonic() - started)
+
+    first = threading.Thread(target=task, args=(0,))
+    first.start()
+    first.join()
+    assert took[0] < 1.5, f"a quiet worker's task waited {took[0]:.2f}s"
+
+    # Tasks coming less than GATHER_GAP apart (a backlog draining): gathered into one POST.
+    backend.requests.clear()
+    threads = [threading.Thread(target=task, args=(n,)) for n in range(1, 4)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join()
+    assert [len(request.messages) for request in backend.requests] == [3]
 
 
 def test_a_batch_never_carries_more_than_2500_events(backend):
