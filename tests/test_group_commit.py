@@ -7,6 +7,7 @@ the next tasks, as a real backend does, and they gather for the next POST.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -150,8 +151,11 @@ def test_a_worker_killed_mid_drain_loses_no_event(children, collectors, redis_se
 
     # The killed worker's messages come back after the visibility timeout (10 s in the tests).
     children.worker(queue, collector.url, broker_url=redis_server.url, **DOCUMENTED)
-    assert wait_until(lambda: len(accepted_ids(collector)) >= 600, timeout=60), len(accepted_ids(collector))
-    assert accepted_ids(collector) == {event["messageId"] for event in sent}
+    arrived = wait_until(lambda: len(accepted_ids(collector)) >= 600, timeout=90)
+    missing = {event["messageId"] for event in sent} - accepted_ids(collector)
+    redis = redis_server.client()
+    assert arrived and not missing, (f"{len(missing)} missing; {redis.llen(queue)} still queued, "
+                                     f"{redis.hlen('unacked')} unacknowledged in Redis")
 
 
 def test_a_failed_combined_batch_is_retried_by_each_message_with_its_own_message_ids(children, collectors,
@@ -175,3 +179,27 @@ def test_a_failed_combined_batch_is_retried_by_each_message_with_its_own_message
     assert sum(len(messages) for messages in failed) > 2, "the failed POSTs were not combined"
     assert failed_ids <= accepted_ids(collector)  # the same messageIds, delivered later
     assert wait_until(lambda: counts_now()["retried"] - retried_before >= len(failed_ids), timeout=10)
+
+
+def test_the_broker_hears_of_each_settled_message_and_each_retry_it_took(pipeline, monkeypatch):
+    from rubrix_hooks import flush, track_bulk
+    from tasks.celery import broker
+
+    settled: list[int] = []
+    published: list[int] = []
+    monkeypatch.setattr(broker, "message_settled", settled.append)
+    monkeypatch.setattr(broker, "message_published", published.append)
+    answers = iter([503])
+    pipeline.responder = lambda path, body: (next(answers, 200), {})
+
+    async def fire() -> None:
+        for records in range(5):
+            await track_bulk("TextClassification", records)
+
+    asyncio.run(fire())
+    assert flush(5)
+    assert pipeline.wait_for(lambda b: len(accepted_ids(b)) >= 5, timeout=30)
+    # The message of the failed POST was settled by its retry (which the broker took), then the
+    # retry by its delivery: every event settled once more than it was retried.
+    assert wait_until(lambda: sum(settled) == 5 + sum(published), timeout=10), (settled, published)
+    assert sum(published) >= 1
