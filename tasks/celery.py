@@ -68,14 +68,15 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     # Group commit (tasks/group_commit.py): the tasks running at once in a process share one
     # sender, which puts the events of all of them that wait into one POST. On a quiet server each
-    # event is a task message of its own, so a backlog is drained at about as many events per POST
-    # as tasks wait on the sender: threads, which wait on the network and on the sender without
-    # holding a core, and WORKER_THREADS of them. PREFETCH tasks more are taken
-    # from the broker meanwhile, so that threads released by a POST find their next message in
-    # the worker, not one broker round trip away; 2 x 128 in flight is at most 256 messages
-    # redelivered after a crash and, at ~2,000 one-event messages a second, a fraction of a second
-    # of waiting inside the worker, far below any visibility timeout. The command line's own
-    # `--pool`, `--concurrency` and `--prefetch-multiplier` still override these.
+    # event is a task message of its own, so a backlog drains at about as many events per POST as
+    # tasks wait on the sender: threads (they wait on the network and on the sender without
+    # holding a core), 128 of them, so that a POST can carry 100 or more one-event messages;
+    # prefetch 2 x 128: the threads a POST releases find their next messages in the worker, not a
+    # broker round trip away. 256 in flight is at most 256 messages redelivered after a crash and,
+    # at the 200-400 one-event messages a second measured on 2 busy cores, about a second of
+    # waiting inside the worker, far below any visibility timeout. The command line's
+    # `--pool` (prefork is `--pool processes`), `--concurrency` and `--prefetch-multiplier`
+    # still override these.
     worker_pool="threads",
     worker_concurrency=WORKER_THREADS,
     worker_prefetch_multiplier=PREFETCH_MULTIPLIER,
