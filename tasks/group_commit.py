@@ -30,6 +30,9 @@ from tasks.segment import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, DeliveryOutcome, Gr
 # How long the sender waits for the next task of a backlog, and for all of them at most.
 GATHER_GAP = 0.01
 GATHER_MAX = 0.2
+# Enough tasks for one POST: half the worker's threads (tasks/celery.py), so that the other
+# half keeps taking messages while this POST is sent.
+GATHER_TASKS = 64
 
 
 def _tasks_held() -> int:
@@ -62,6 +65,7 @@ class GroupSender:
         self._streaming = False
         self._last_arrival = 0.0
         self._concurrent = False
+        self._draining = False  # the last POST carried several tasks
         self._pid = 0
 
     def deliver(self, messages: list[Message], hostname: str) -> DeliveryOutcome:
@@ -99,6 +103,7 @@ class GroupSender:
                 self._changed.wait()
             self._gather()
             taken = [self._waiting.popleft()]
+            self._draining = False
             events, size = len(taken[0].group.encoded), taken[0].group.size
             while self._waiting:
                 group = self._waiting[0].group
@@ -106,6 +111,8 @@ class GroupSender:
                     break
                 taken.append(self._waiting.popleft())
                 events, size = events + len(group.encoded), size + group.size
+            # A POST of several tasks: a backlog drains, the next POST gathers (`_gather`).
+            self._draining = len(taken) > 1
             return taken
 
     def _gather(self) -> None:
@@ -117,13 +124,18 @@ class GroupSender:
         holds waits here already, the last came long ago) sends at once. Called with the
         condition held."""
         deadline = time.monotonic() + GATHER_MAX
-        while (self._concurrent and len(self._waiting) < MAX_BATCH_EVENTS
-               and (self._streaming or _tasks_held() > len(self._waiting))):
+        while self._concurrent and len(self._waiting) < GATHER_TASKS:
+            more_coming = self._draining or _tasks_held() > len(self._waiting)
+            if not (more_coming or self._streaming):
+                return
             before, left = len(self._waiting), deadline - time.monotonic()
             if left <= 0:
                 return
             self._changed.wait(min(GATHER_GAP, left))
-            if len(self._waiting) == before:
+            # While a backlog drains (the last POST carried several tasks, or the worker holds
+            # tasks that have not come yet) a gap is the worker being slow to start the next
+            # task, not the end: only a stream with nothing more in sight ends at its first gap.
+            if len(self._waiting) == before and not more_coming:
                 return
 
     def _run(self) -> None:
