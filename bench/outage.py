@@ -5,7 +5,7 @@ backend answers 503; how the backlog drains once it is back.
 
 A server (bench/soak_server.py: the real hooks and publisher) fires `track_bulk` at a
 steady rate into a Redis of the bench's own while the backend (the project's collector)
-answers 503 for `--minutes`; one worker (`celery -A tasks worker --pool prefork -c 2`)
+answers 503 for `--minutes`; one worker (`celery -A tasks worker --pool processes -c 2`: prefork)
 delivers to it. Every 5 s the bench notes the backlog against RUBRIX_TELEMETRY_MAX_BACKLOG
 (`broker_for(settings).backlog`), the drops by reason (`rubrix-telemetry status --json`),
 the worker's PSS (main process and pool) and Redis's `used_memory`. Then the backend answers
@@ -58,7 +58,7 @@ def run_outage(minutes: float, rate: float, folder: Path, logs: Path) -> dict[st
     broker = broker_for(settings)
     outage_s = minutes * 60
     worker = Child("worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", settings.queue,
-                              "--pool", "prefork", "-c", "2", "--without-mingle", "--without-gossip", "-l", "INFO",
+                              "--pool", "processes", "-c", "2", "--without-mingle", "--without-gossip", "-l", "INFO",
                               "-n", f"bench-outage-{time.time_ns()}@%h"], env, logs)
     server: Child | None = None
     try:

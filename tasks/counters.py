@@ -34,19 +34,26 @@ log = logging.getLogger("tasks.counters")
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
 
-# Increments this process has not written yet. The lock also keeps one writer at a time (a
-# task and the retry timer), so that no increment is written twice or lost between them.
+# Increments this process has not written yet, and how many records added to them: the lock
+# guards both. The tasks that end at once (the group-commit sender releases them together)
+# share one write: each adds its increments, then one writer at a time (a task or the retry
+# timer) writes everything added so far; a task whose increments another's write took along
+# returns without writing (group commit, as for the POSTs: no count is lost or written twice).
 _unwritten: Counter[str] = Counter()
 _unwritten_lock = threading.Lock()
+_records_added = 0
+_records_written = 0  # written, or held for the retry timer
+_write_lock = threading.Lock()
 _retry_timer: threading.Timer | None = None
 _retry_delay = RETRY_FIRST_SECONDS
 
 
 def _forget_parent_increments() -> None:
     # A forked pool child starts with none of its parent's: the parent writes its own.
-    global _unwritten_lock, _retry_timer, _retry_delay
+    global _unwritten_lock, _write_lock, _retry_timer, _retry_delay, _records_added, _records_written
     _unwritten.clear()
-    _unwritten_lock = threading.Lock()
+    _unwritten_lock, _write_lock = threading.Lock(), threading.Lock()
+    _records_added = _records_written = 0
     _retry_timer, _retry_delay = None, RETRY_FIRST_SECONDS
 
 
@@ -72,39 +79,53 @@ def keeps_counts(settings: Settings) -> bool:
 def record(settings: Settings, delivered: int = 0, retried: int = 0,
            dropped: Mapping[str, int] | None = None) -> None:
     """Adds to the shared counts, with any this process could not write before; what the
-    broker does not take now is kept and retried (see the module's docstring)."""
+    broker does not take now is kept and retried (see the module's docstring). Returns once
+    they were written (or are held for the retry timer)."""
+    global _records_added
     added = increments(delivered, retried, dropped or {})
     if not added:
         return
     with _unwritten_lock:
         _unwritten.update(added)
-        _write_unwritten(settings)
+        _records_added += 1
+        mine = _records_added
+    with _write_lock:
+        if _records_written < mine:
+            _write_unwritten(settings)
 
 
 def write_unwritten(settings: Settings) -> dict[str, int]:
     """Tries once to write what this process holds; answers what is still unwritten."""
-    with _unwritten_lock:
+    with _write_lock:
         _write_unwritten(settings)
-        return dict(_unwritten)
+        with _unwritten_lock:
+            return dict(_unwritten)
 
 
 def _write_unwritten(settings: Settings) -> None:
-    # Called with _unwritten_lock held.
-    global _retry_delay
-    if not _unwritten:
+    # Called with _write_lock held.
+    global _retry_delay, _records_written
+    with _unwritten_lock:
+        taken, upto = Counter(_unwritten), _records_added
+        _unwritten.clear()
+    if not taken:
+        _records_written = upto
         return
     try:
-        _store(settings).add(_unwritten)
+        _store(settings).add(taken)
     except Exception as error:  # noqa: BLE001 (bookkeeping must never fail a delivery)
-        log.debug("telemetry: could not write the counts %s yet: %r", dict(_unwritten), error)
+        log.debug("telemetry: could not write the counts %s yet: %r", dict(taken), error)
+        with _unwritten_lock:
+            _unwritten.update(taken)
+        _records_written = upto
         _schedule_retry(settings)
         return
-    _unwritten.clear()
+    _records_written = upto
     _retry_delay = RETRY_FIRST_SECONDS
 
 
 def _schedule_retry(settings: Settings) -> None:
-    # Called with _unwritten_lock held. One timer at a time, backing off while the broker
+    # Called with _write_lock held. One timer at a time, backing off while the broker
     # stays away; a daemon thread, so it never holds a stopping worker.
     global _retry_timer, _retry_delay
     if _retry_timer is not None and _retry_timer.is_alive() and _retry_timer is not threading.current_thread():

@@ -18,10 +18,10 @@ from telemetry_core.contract import DELIVER_TASK_NAME
 from telemetry_core.platform_info import platform_info
 from telemetry_core.settings import Settings
 from tasks import counters
-from tasks.celery import app, backend_breaker, settings
+from tasks.celery import app, backend_breaker, broker, settings
+from tasks.group_commit import GroupSender
 from tasks.installation_id import deployment_id
-from tasks.remote_status import record_last_delivery
-from tasks.segment import DeliveryOutcome, deliver_messages, segment_message
+from tasks.segment import DeliveryOutcome, segment_message
 
 log = logging.getLogger("tasks.deliver")
 
@@ -193,6 +193,21 @@ def _unexpected(error: Exception, events: int, dropped: collections.Counter[str]
     return dropped
 
 
+# This process's one sender: the tasks running at once share its POSTs (tasks/group_commit.py).
+group_sender = GroupSender(settings)
+
+
+def _tell_broker(task: Task, retried: list[Any] | None = None) -> None:
+    """Tells the broker's running count that the task's message is settled for good (and, when it
+    was replaced by its retry, that the retry holds `retried`). Never fails the task."""
+    try:
+        broker.message_settled(message.header_events(task.request.headers, 0))
+        if retried is not None:
+            broker.message_published(len(retried))
+    except Exception as error:  # noqa: BLE001 (the broker's recount finds what this misses)
+        log.debug("telemetry: the broker's running count missed a message: %r", error)
+
+
 def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any]:
     # Every final outcome of a task passes here: the one place it is counted.
     counters.record(settings, delivered=delivered, dropped=dropped)
@@ -211,6 +226,12 @@ def _summary(delivered: int, dropped: collections.Counter[str]) -> dict[str, Any
 def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Delivers the events of one task message (any format `telemetry_core.message` reads); the
     return value says what was delivered and what was dropped why."""
+    summary = _deliver(self, args, kwargs)  # raises the Retry once the broker took it
+    _tell_broker(self)
+    return summary
+
+
+def _deliver(self: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     batch = message.read(args, kwargs)
     dropped = batch.dropped
     if not settings.enabled:
@@ -235,12 +256,13 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     # Kept in the retry message for older workers, which gave up that long after it.
     started = batch.first_attempt_at if batch.first_attempt_at is not None and batch.first_attempt_at <= now else now
     try:
-        anonymous_id = deployment_id(settings)  # once per task: it may ask the broker
-        outcome: DeliveryOutcome = deliver_messages(
-            [segment_message(event, platform, anonymous_id) for event in events], settings)
+        anonymous_id = deployment_id(settings)  # kept for the process once the broker answered
+        # With the events of the other tasks waiting at this moment, in one POST; this task's
+        # own outcome comes back (the sender also records it for `status`).
+        outcome: DeliveryOutcome = group_sender.deliver(
+            [segment_message(event, platform, anonymous_id) for event in events], self.request.hostname)
     except Exception as error:  # noqa: BLE001
         return _summary(0, _unexpected(error, len(events), dropped))
-    record_last_delivery(settings, self.request.hostname, outcome)  # for `status`
     dropped.update(outcome.dropped)
     if outcome.retry:
         outcome.retry = _without_expired(outcome.retry, time.time(), dropped, f"instead of retrying ({outcome.retry_reason})")
@@ -269,6 +291,7 @@ def deliver_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # It goes back instead, counted by the attempt that finally settles it.
         raise _retry_not_queued(refused, len(outcome.retry), countdown) from None
     _retry_queued()
+    _tell_broker(self, retried=outcome.retry)
     # Counted only now that the broker has the retry.
     log.info("telemetry: %d events delivered, %d to retry in %.1fs (%s): %s",
              len(outcome.delivered), len(outcome.retry), countdown, outcome.retry_reason, outcome.retry_cause)

@@ -55,6 +55,10 @@ def last_delivery_file(settings: Settings, hostname: str) -> Path:
     return settings.data_dir / f"last-delivery.{re.sub(r'[^A-Za-z0-9@._-]', '_', hostname)}.json"
 
 
+# What this process last wrote to a last-delivery file (file, outcome, cause, endpoint), and when.
+_last_written: list[Any] = [None, 0.0]
+
+
 def record_last_delivery(settings: Settings, hostname: str, outcome: DeliveryOutcome) -> None:
     """Keeps what this delivery attempt came to, for `status`. Never fails a delivery."""
     if outcome.retry:
@@ -67,6 +71,12 @@ def record_last_delivery(settings: Settings, hostname: str, outcome: DeliveryOut
         return  # no request was made (every message was over 32 KB)
     document = {"at": time.time(), "outcome": kind, "cause": cause, "endpoint": batch_url(settings)}
     path = last_delivery_file(settings, hostname)
+    # The same outcome this process wrote less than UNCHANGED_REWRITE_SECONDS ago: not even the
+    # file is read (a worker draining a backlog comes here for every POST).
+    unchanged = (str(path), kind, cause, document["endpoint"])
+    if unchanged == _last_written[0] and document["at"] - _last_written[1] < UNCHANGED_REWRITE_SECONDS:
+        return
+    _last_written[:] = [unchanged, document["at"]]
     try:
         with locked(path):  # the pool's processes write the same file
             current = _read_last_delivery(path)

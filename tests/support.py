@@ -219,11 +219,12 @@ class WorkerProcess:
     runs it through a wrapper (`setpriv ...`, `sh -c 'umask 002 && exec "$@"' sh`)."""
 
     def __init__(self, env: dict[str, str], log_file: Path, queue: str = "telemetry",
-                 extra_args: Iterable[str] = (), command_prefix: Iterable[str] = ()) -> None:
+                 extra_args: Iterable[str] = (), command_prefix: Iterable[str] = (),
+                 pool_args: Iterable[str] = ("--pool", "solo")) -> None:
         self.log_file = log_file
         self._log = log_file.open("wb")
         self.process = subprocess.Popen(
-            [*command_prefix, sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, "--pool", "solo",
+            [*command_prefix, sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", queue, *pool_args,
              "--without-mingle", "--without-gossip", "-l", "INFO", "-n", f"test-{os.getpid()}-{id(self)}@%h",
              *extra_args],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -524,9 +525,11 @@ class Children:
 
     def worker(self, queue: str, endpoint: str, broker_url: str | None = None, ready: bool = True,
                embedded_data_dir: Path | None = None, extra_args: Iterable[str] = (),
-               env: dict[str, str] | None = None, **settings: str) -> WorkerProcess:
+               env: dict[str, str] | None = None, pool_args: Iterable[str] = ("--pool", "solo"),
+               **settings: str) -> WorkerProcess:
         """`celery -A tasks worker -Q queue` delivering to `endpoint`; settings: BACKOFF_MAX="2", ...;
-        on the embedded queue in `embedded_data_dir` when given; `env`: other variables."""
+        on the embedded queue in `embedded_data_dir` when given; `env`: other variables; `pool_args`
+        () for the app's default pool (the documented command)."""
         broker: dict[str, str | None] = {"RUBRIX_TELEMETRY_BROKER_URL": broker_url} if broker_url else {}
         if embedded_data_dir is not None:
             broker = {"RUBRIX_TELEMETRY_BROKER_URL": None, "RUBRIX_TELEMETRY_DATA_DIR": str(embedded_data_dir)}
@@ -534,7 +537,7 @@ class Children:
             RUBRIX_TELEMETRY_QUEUE=queue, RUBRIX_TELEMETRY_ENDPOINT=endpoint, **broker, **(env or {}),
             **{f"RUBRIX_TELEMETRY_{name.upper()}": value for name, value in settings.items()})
         worker = WorkerProcess(env, self.folder / f"worker-{len(self.started)}.log", queue=queue,
-                               extra_args=extra_args)
+                               extra_args=extra_args, pool_args=pool_args)
         self.started.append(worker)
         if ready:
             worker.wait_ready()

@@ -14,7 +14,8 @@ from tests.test_counts_file import children, embedded  # noqa: F401 (children is
 
 pytestmark = pytest.mark.slow
 
-PREFORK = ["--pool", "prefork", "--concurrency", "1"]
+# Prefork (`processes`: Celery takes `--pool prefork` for its own default and gives the app's threads).
+PREFORK = ["--pool", "processes", "--concurrency", "1"]
 WRITE_KEY = "test-write-key"  # conftest's: never shown
 
 

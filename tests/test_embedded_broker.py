@@ -138,7 +138,7 @@ def test_a_live_workers_batch_is_left_alone_and_taken_back_once_it_is_killed(chi
     # A prefork worker: its pool children fork from the process holding the claim, and must not
     # keep it alive once that process is dead.
     first = children.worker("telemetry", backend.url, embedded_data_dir=data, env=watched_tmp, http_timeout="60",
-                            extra_args=["--pool", "prefork", "-c", "2"])
+                            extra_args=["--pool", "processes", "-c", "2"])
     events = publish_events(50, "telemetry", embedded_data_dir=data)  # 20 + 20 + 10
     assert in_flight.wait(30), first.log()
     # Which batch is held depends on which pool process posts first (and the three messages,
@@ -170,7 +170,7 @@ def test_prefork_worker_drains_300_one_event_tasks_quickly(children, collectors,
     events = publish_events(300, "telemetry", embedded_data_dir=data, events_per_task=1)
     assert len(list((data / "broker" / "queue").iterdir())) == 300
     worker = children.worker("telemetry", backend.url, embedded_data_dir=data, env=watched_tmp,
-                             extra_args=["--pool", "prefork", "-c", "2"])
+                             extra_args=["--pool", "processes", "-c", "2"])
     started = time.monotonic()
     # Generous for a loaded 2-core machine; kombu's own transport took 150 s (2 tasks/s).
     assert backend.wait_for(lambda b: len(b.accepted_messages()) >= 300, timeout=30), worker.log()

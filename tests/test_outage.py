@@ -66,7 +66,8 @@ def test_a_worker_holds_no_more_during_an_outage_and_drains_everything_after(own
     queue = "telemetry-outage"
     env = child_environment(RUBRIX_TELEMETRY_BROKER_URL=own_redis.url, RUBRIX_TELEMETRY_QUEUE=queue,
                             RUBRIX_TELEMETRY_ENDPOINT=backend.url, RUBRIX_TELEMETRY_MAX_EVENT_AGE="3600")
-    worker = WorkerProcess(env, tmp_path / "worker.log", queue=queue, extra_args=["--pool", "prefork", "-c", "2"])
+    # The documented command, no pool flags: the app's thread pool, whose tasks share their POSTs.
+    worker = WorkerProcess(env, tmp_path / "worker.log", queue=queue, pool_args=())
     try:
         worker.wait_ready()
         time.sleep(3)

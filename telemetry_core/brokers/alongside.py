@@ -65,9 +65,9 @@ LOG_LIMIT_BYTES = 1_000_000
 NICENESS = 10
 # A thread pool: one process (every lock it holds is dropped together when it ends, and no
 # pool child outlives it holding them), whose main thread answers `status` while a delivery
-# waits on a slow backend (a solo worker would miss it); two threads, because a delivery
-# mostly waits for the network.
-POOL_ARGS = ("--pool", "threads", "--concurrency", "2")
+# waits on a slow backend (a solo worker would miss it). As many threads as the app's default
+# (tasks/celery.py, WORKER_THREADS): the tasks running at once share their POSTs (group commit).
+POOL_ARGS = ("--pool", "threads")
 
 
 def lock_paths(settings: Settings) -> dict[str, Path]:
