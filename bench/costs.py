@@ -261,17 +261,29 @@ def publisher_check(broker: Any, settings: Settings) -> tuple[int | None, int | 
 
 
 def measure_checks(target: BrokerUnderTest, settings: Settings, plan: Plan) -> dict[str, Any]:
+    """The check timed; one that raises (a socket timeout on a slow count) is timed and counted
+    as failed, as the publisher would meet it (it then publishes: rubrix_hooks.publisher)."""
     from telemetry_core.brokers import broker_for
 
     broker = broker_for(settings)
-    seen_events, seen_bytes = publisher_check(broker, settings)  # connects once, as a server's publisher has
+    errors: list[str] = []
+
+    def check() -> tuple[int | None, int | None]:
+        try:
+            return publisher_check(broker, settings)
+        except Exception as error:  # noqa: BLE001 (noted in the figures, never the end of the run)
+            errors.append(f"{type(error).__name__}: {error}")
+            return None, None
+
+    seen_events, seen_bytes = check()  # connects once, as a server's publisher has
     target.before_checks()
-    cpu, wall = sample_calls(lambda: publisher_check(broker, settings), plan.most_checks, plan.check_budget_s,
-                             plan.least_checks)
+    errors.clear()
+    cpu, wall = sample_calls(check, plan.most_checks, plan.check_budget_s, plan.least_checks)
     cpu_spread, wall_spread = p50_p99(cpu), p50_p99(wall)
     return {"checks": len(wall), "wall_ms_p50": round(wall_spread["p50"] / 1000, 3),
             "wall_ms_p99": round(wall_spread["p99"] / 1000, 3), "cpu_ms_p50": round(cpu_spread["p50"] / 1000, 3),
-            "cpu_ms_p99": round(cpu_spread["p99"] / 1000, 3), "backlog_seen": seen_events,
+            "cpu_ms_p99": round(cpu_spread["p99"] / 1000, 3), "failed": len(errors),
+            "first_failure": errors[0] if errors else None, "backlog_seen": seen_events,
             "backlog_bytes_seen": seen_bytes, **target.after_checks(len(wall))}
 
 
@@ -403,7 +415,8 @@ def measure_broker(target: BrokerUnderTest, plan: Plan, sink: Sink, logs: Path,
 
 # -- the report ----------------------------------------------------------------------------------
 def _check_cell(check: dict[str, Any]) -> str:
-    return f"{check['wall_ms_p50']:g} / {check['wall_ms_p99']:g} ({check['cpu_ms_p50']:g})"
+    failed = f", {check['failed']} of {check['checks']} failed" if check.get("failed") else ""
+    return f"{check['wall_ms_p50']:g} / {check['wall_ms_p99']:g} ({check['cpu_ms_p50']:g}){failed}"
 
 
 def table_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -460,7 +473,10 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(plan: Plan, brokers: list[str], workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def run(plan: Plan, brokers: list[str], workdir: Path, log: Callable[[str], None],
+        save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every measurement; `save` gets the figures so far after each broker (a long run that
+    fails later keeps them)."""
     started = time.monotonic()
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -479,6 +495,7 @@ def run(plan: Plan, brokers: list[str], workdir: Path, log: Callable[[str], None
                 results["brokers"][name] = measure_broker(target, plan, sink, logs, log)
             finally:
                 target.close()
+            save({**results, "partial": True})
         log(f"Segment's client at {plan.quiet_rate:g} events/s ...")
         results["segment"] = measure_segment(plan, sink)
     finally:
@@ -510,14 +527,18 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"bench.costs: {line}", file=sys.stderr, flush=True)
 
+    command = " ".join(["python -m bench.costs", *(sys.argv[1:] if argv is None else argv)])
+
+    def save(results: dict[str, Any]) -> None:
+        out.write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="rubrix-bench-costs-") as workdir:
         try:
-            results = run(QUICK if args.quick else FULL, brokers, Path(workdir), log)
+            results = run(QUICK if args.quick else FULL, brokers, Path(workdir), log, save)
         except RuntimeError as error:  # a child of bench.infra failed
             print(f"python -m bench.costs: {str(error).splitlines()[0]}", file=sys.stderr)
             return 1
-    command = " ".join(["python -m bench.costs", *(sys.argv[1:] if argv is None else argv)])
-    out.write_text(json.dumps({"command": command, **results}, indent=2) + "\n")
+    save(results)
     print(format_table(results))
     log(f"written to {out}")
     return 0
