@@ -3,7 +3,7 @@
 # without wrk the load comes from bench/loadgen.py.
 PYTHON ?= python3
 
-.PHONY: bench bench-smoke soak
+.PHONY: bench bench-smoke costs soak
 
 # Full run, about five minutes: prints the table and writes bench/results.json.
 bench:
@@ -13,6 +13,14 @@ bench:
 # temporary folder (never over bench/results.json). The test suite runs it too.
 bench-smoke:
 	$(PYTHON) -m bench --quick
+
+# Costs as a function of what waits (issue 22; docs/benchmarks.md): the backlog check, broker
+# bytes per event, a 20,000-message drain and a quiet server's latency, per broker (the embedded
+# queue, a redis-server of its own, a vhost on the machine's RabbitMQ), beside Segment's client;
+# about 30 minutes, writes bench/costs.json. BROKERS=embedded,redis to measure fewer.
+BROKERS ?= embedded,redis,rabbitmq
+costs:
+	$(PYTHON) -m bench.costs --brokers $(BROKERS)
 
 # The scale-out soak (docs/reliability.md): 2 servers, 3 workers, 10,000 events/s for
 # 60 s, one worker SIGKILLed midway; BROKER=redis (its own redis-server) or rabbitmq

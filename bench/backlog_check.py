@@ -54,13 +54,23 @@ SERVER_CPU_US_PER_REQUEST = 236.0
 FLUSHES_PER_S = 5  # RUBRIX_TELEMETRY_FLUSH_INTERVAL 0.2 s
 
 
-def timed(check: Callable[[], Any], checks: int) -> dict[str, float]:
-    cpu, wall = [], []
-    for _ in range(checks):
+def sample_calls(call: Callable[[], Any], most: int, budget_s: float | None = None,
+                 least: int = 1) -> tuple[list[float], list[float]]:
+    """(CPU µs in this process, wall µs) of each call: `most` calls, or fewer once `budget_s`
+    has passed (but at least `least`): a slow check is timed fewer times, never for minutes."""
+    cpu: list[float] = []
+    wall: list[float] = []
+    started = time.perf_counter()
+    while len(cpu) < most and (budget_s is None or len(cpu) < least or time.perf_counter() - started < budget_s):
         c, w = time.process_time(), time.perf_counter()
-        check()
+        call()
         cpu.append((time.process_time() - c) * 1e6)
         wall.append((time.perf_counter() - w) * 1e6)
+    return cpu, wall
+
+
+def timed(check: Callable[[], Any], checks: int) -> dict[str, float]:
+    cpu, wall = sample_calls(check, checks)
     spread = p50_p99(wall)
     return {"cpu_us_mean": round(statistics.fmean(cpu), 1), "wall_us_p50": round(spread["p50"], 1),
             "wall_us_p99": round(spread["p99"], 1)}

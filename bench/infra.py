@@ -159,10 +159,22 @@ def start_worker(env: dict[str, str], logs: Path, name: str = "worker") -> Child
                           "-Q", TELEMETRY_QUEUE,
                           "--pool", "solo", "--without-mingle", "--without-gossip", "-l", "WARNING",
                           "-n", f"bench-{os.getpid()}-{name}@%h"], env, logs)
+    wait_for_banner(worker)
+    return worker
+
+
+def documented_worker(env: dict[str, str], logs: Path, name: str) -> Child:
+    """A worker started with the README's command and no pool or concurrency flags
+    (`celery -A tasks worker -Q telemetry -E`, at WARNING), not yet known to be ready."""
+    return Child(name, [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", TELEMETRY_QUEUE, "-E",
+                        "-l", "WARNING"], env, logs)
+
+
+def wait_for_banner(worker: Child, timeout: float = 30) -> None:
+    """Returns once a worker has printed its banner; raises with its log if it did not start."""
     # At WARNING (INFO would log two lines per task) there is no " ready." line: wait for
     # the banner, then the caller sends a probe event through the pipeline.
-    if not wait_until(lambda: "[queues]" in worker.log() or worker.process.poll() is not None, timeout=30):
+    if not wait_until(lambda: "[queues]" in worker.log() or worker.process.poll() is not None, timeout=timeout):
         worker.stop()
         raise RuntimeError(f"worker did not start:\n{worker.log()}")
     worker.check_alive()
-    return worker

@@ -58,4 +58,5 @@ def measure_latency(which: str, rate: float, seconds: float, env: dict[str, str]
     run = run_producer(which, count, rate, env, sink)
     delays = [(arrived - fired) * 1000 for arrived, fired in run["arrivals"]]
     return {**{key: round(value, 1) for key, value in p50_p99(delays).items()},
-            "events": count, "delivered": run["delivered"], "rate_per_s": rate}
+            "events": count, "delivered": run["delivered"], "rate_per_s": rate,
+            "started": run["producer"]["started"]}

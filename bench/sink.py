@@ -35,6 +35,9 @@ class Sink:
         self._lock = threading.Condition()
         self._arrivals: list[tuple[float, float | None]] = []
         self._message_ids: set[object] = set()
+        # Per POST whose body parsed: (messages in its batch, repeats included; the earliest
+        # "timestamp" among them), since the last reset.
+        self._posts: list[tuple[int, float | None]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="bench-sink", daemon=True)
@@ -47,12 +50,15 @@ class Sink:
     def _note(self, body: Any) -> None:
         arrived = time.time()
         batch = body.get("batch") if isinstance(body, dict) else None
+        messages = [message for message in batch if isinstance(message, dict)] if isinstance(batch, list) else []
+        fired = [epoch(message.get("timestamp")) for message in messages]
         with self._lock:
-            for message in batch if isinstance(batch, list) else []:
-                message_id = message.get("messageId") if isinstance(message, dict) else None
+            self._posts.append((len(messages), min((at for at in fired if at is not None), default=None)))
+            for message, fired_at in zip(messages, fired):
+                message_id = message.get("messageId")
                 if message_id is not None and message_id not in self._message_ids:
                     self._message_ids.add(message_id)
-                    self._arrivals.append((arrived, epoch(message.get("timestamp"))))
+                    self._arrivals.append((arrived, fired_at))
             self._lock.notify_all()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -79,6 +85,15 @@ class Sink:
         with self._lock:
             self._arrivals.clear()
             self._message_ids.clear()
+            self._posts.clear()
+
+    def posts(self, fired_since: float | None = None) -> tuple[int, int]:
+        """(POSTs, messages in them) since the last reset; with `fired_since` (epoch seconds),
+        only the POSTs all of whose messages were fired then or later (not a warm-up's)."""
+        with self._lock:
+            kept = [size for size, earliest in self._posts
+                    if fired_since is None or (earliest is not None and earliest >= fired_since)]
+        return len(kept), sum(kept)
 
     def count(self) -> int:
         with self._lock:
