@@ -80,8 +80,8 @@ def deployment_reason(reason: str) -> str:
 
 
 # Once the broker said its backlog is at the bound, batches are dropped without asking again
-# for this long: counting a full queue can mean reading every message's header (Redis), and
-# a server at the bound would otherwise ask at every batch. Dropping while unsure never overshoots.
+# for this long: a check costs little now (a running count), but a server at the bound would
+# otherwise ask at every batch, for nothing. Dropping while unsure never overshoots.
 FULL_BACKLOG_RECHECK = 1.0
 
 
