@@ -266,6 +266,7 @@ def test_broadcasts_are_taken_without_listing_the_task_messages_that_wait(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.load  # 20,000 files: on one Python only
 def test_a_paused_worker_answers_status_while_20000_task_messages_wait(children, tmp_path):
     data = tmp_path / "data"
     _copies(data, 20_000)

@@ -51,8 +51,10 @@ def test_events_that_waited_longer_than_the_maximum_age_for_a_worker_are_expired
 
 OUTAGE_MESSAGES = 20_000
 OUTAGE_SECONDS = 60
-# What the worker may gain over its idle figure (before the breaker: 238 MB, issue 18).
-OUTAGE_GROWTH_LIMIT_MB = 60
+# What the worker may gain over its idle figure (before the breaker: 238 MB, issue 18). 60 MB
+# with a prefork pool of 2; the default pool of 128 threads (group commit) gains 77-81 MB
+# (four runs), most of it while the outage lasts: its threads and what they hold.
+OUTAGE_GROWTH_LIMIT_MB = 100
 DRAIN_LIMIT_SECONDS = 150
 PUBLISHED_AT_ONCE = 2_000
 
@@ -97,9 +99,10 @@ def test_a_worker_holds_no_more_during_an_outage_and_drains_everything_after(own
             needed = backend.messages_accepted + len(missing)
         arrived = not missing
         drained_in = time.monotonic() - back_at
-        peak = max(peak, pss_mb(worker.process.pid))
+        outage_peak, peak = peak, max(peak, pss_mb(worker.process.pid))
         delivered = set(unique_messages(backend.accepted_messages()))
-        print(f"\noutage: idle {idle:.1f} MB, peak {peak:.1f} MB PSS; {posts_during_outage} POSTs during the outage; "
+        print(f"\noutage: idle {idle:.1f} MB, peak {outage_peak:.1f} MB PSS in the outage, {peak:.1f} MB after the drain; "
+              f"{posts_during_outage} POSTs during the outage; "
               f"{len(delivered & expected)}/{len(expected)} delivered {drained_in:.1f} s after the backend returned, "
               f"in {len(backend.requests) - posts_during_outage} POSTs")
         assert arrived, f"{len(expected - delivered)} of {len(expected)} missing after {DRAIN_LIMIT_SECONDS}s"

@@ -179,13 +179,18 @@ class RedisBroker(Broker):
 
     def transport_options(self) -> dict[str, Any]:
         settings = self.settings
+        restore_interval = max(1, min(10, int(settings.visibility_timeout // 10) or 1))
         return {
             "visibility_timeout": settings.visibility_timeout,
             # kombu restores a dead worker's unacked messages only when its timer fires
             # (every interval) and then only every `throttle` firings: 10 s x 10 by default.
             # Tie both to the visibility timeout so recovery takes about that long, no more.
-            "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout // 10) or 1)),
+            "unacked_restore_interval": restore_interval,
             "unacked_restore_throttle": 1,
+            # The restore runs under a Redis lock that expires after this long (kombu: 300 s). A
+            # worker killed while it held it (a restore takes a millisecond, but a busy worker's
+            # 128 threads stretch it) held up every restore for 5 minutes: five intervals instead.
+            "unacked_mutex_expire": 5 * restore_interval,
             "socket_connect_timeout": settings.publish_timeout,
             "socket_timeout": max(settings.publish_timeout, 5.0),
             "retry_on_timeout": False,
