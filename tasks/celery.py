@@ -62,6 +62,7 @@ PREFETCH_MULTIPLIER = 2
 # Read at import: `celery -A tasks worker` fails at start-up on a bad value.
 settings = _load_settings()
 broker = broker_for(settings)
+broker.use_worker_transport()
 
 app = Celery("tasks", include=["tasks.deliver"])
 app.conf.update(

@@ -130,6 +130,10 @@ class Broker:
 
         return [Queue(self.settings.queue, routing_key=self.settings.queue)]
 
+    def use_worker_transport(self) -> None:
+        """Called in a worker's process before its app connects: a broker whose worker consumes
+        through a transport of ours (kombu's, extended) makes kombu resolve its schemes to it."""
+
     def prepare_worker(self, timeout: float) -> None:
         """Before a worker consumes: raises BrokerRefusedWorker or QueueMisconfigured for what
         must stop its start (a supervisor would restart it for ever); a broker that cannot be

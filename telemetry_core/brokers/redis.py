@@ -168,6 +168,11 @@ class RedisBroker(Broker):
             return f"the Redis database is a number (0, 1, ...), not {database!r}"
         return None
 
+    def use_worker_transport(self) -> None:
+        from telemetry_core.brokers import redis_take
+
+        redis_take.use_in_this_process()  # many messages per round trip: redis_take's docstring
+
     def prepare_worker(self, timeout: float) -> None:
         try:
             with broker_redis(self.settings, timeout):  # connecting pings it, with the URL's credentials
