@@ -16,7 +16,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.load]  # the bench itself: on one Python only
 
 EXPECTED = {
     "hook_us": {"ours": ("p50", "p99"), "segment": ("p50", "p99"), "apply_async": ("p50", "p99")},

@@ -126,6 +126,7 @@ def test_lone_surrogate_in_a_platform_value_is_counted_dropped_and_the_worker_go
         dropped_since(), worker.log()[-3000:])
 
 
+@pytest.mark.load  # a RabbitMQ node of its own, alarmed: on one Python only
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_retry_published_during_a_rabbitmq_alarm_survives_a_worker_restart(rabbitmq_node, children, collectors,
                                                                            stop):

@@ -194,6 +194,7 @@ def _messages_of(broker: Path, queue: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.load  # broadcast expiry waits out TTLs: on one Python only
 def test_broadcasts_to_a_killed_worker_and_a_killed_event_reader_expire_and_their_queues_are_unbound(
         children, collectors, tmp_path):
     # Celery's own TTLs are 300 s (remote control) and 5 s (events): shortened here.

@@ -31,6 +31,7 @@ def soak_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
 
 
 @pytest.mark.slow
+@pytest.mark.load  # a minute of scale-out on each broker: on one Python only
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("soak_broker", ["redis", "rabbitmq"], indirect=True)
 def test_soak_two_servers_three_workers_one_killed_loses_nothing(soak_broker: tuple[str, int | None],
