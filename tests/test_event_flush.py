@@ -81,6 +81,15 @@ class EventCapture(EventReceiver):
 
             assert wait_until(heard, timeout, interval=0.2), "the event receiver heard nothing"
 
+    def run_in_thread(self) -> None:
+        self._thread = threading.Thread(target=self.run, kwargs={"wakeup": False}, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Before its broker stops: else it waits for it, reconnecting."""
+        self.should_stop = True
+        self._thread.join(timeout=10)
+
     def by_task(self) -> dict[str, set[str]]:
         """Each task's uuid: the types of the events received for it."""
         seen: dict[str, set[str]] = defaultdict(set)
@@ -93,20 +102,18 @@ class EventCapture(EventReceiver):
 @pytest.fixture
 def capture() -> Iterator[Any]:
     """capture(connection, worker prefix): an EventCapture running in a thread, listening."""
-    started: list[tuple[EventCapture, threading.Thread]] = []
+    started: list[EventCapture] = []
 
     def start(connection: Connection, prefix: str) -> EventCapture:
         receiver = EventCapture(connection, prefix)
-        thread = threading.Thread(target=receiver.run, kwargs={"wakeup": False}, daemon=True)
-        thread.start()
-        started.append((receiver, thread))
+        receiver.run_in_thread()
+        started.append(receiver)
         receiver.wait_listening(connection)
         return receiver
 
     yield start
-    for receiver, thread in started:
-        receiver.should_stop = True
-        thread.join(timeout=10)
+    for receiver in started:
+        receiver.stop()
 
 
 def drain_and_check(children, collectors, capture, count: int, queue: str, broker_url: str | None = None,
@@ -186,6 +193,7 @@ def test_after_the_broker_comes_back_the_events_still_go_out_in_batches(children
     # channel close meets a connection already gone: "Unrecoverable error: AttributeError").
     redis = RedisServer(port=free_port(), folder=tmp_path / "redis")
     redis.start()
+    receiver: EventCapture | None = None
     try:
         queue = f"ef-{uuid.uuid4().hex[:8]}"
         collector = collectors()
@@ -216,4 +224,6 @@ def test_after_the_broker_comes_back_the_events_still_go_out_in_batches(children
         messages = receiver.task_messages - messages_before
         assert messages <= count / 5, f"{messages} event messages for {count} tasks"
     finally:
+        if receiver is not None:
+            receiver.stop()
         redis.stop()
