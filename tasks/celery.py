@@ -20,6 +20,7 @@ from telemetry_core.contract import DELIVER_TASK_NAME
 from telemetry_core.settings import (ConfigurationError, Settings, broker_transport_options, load_settings,
                                      masked_url, report_switch_error, without_password)
 from tasks import counters
+from tasks.event_flush import EventFlushStep
 from tasks.remote_status import delivery_problem  # also registers the command `status` sends
 
 log = logging.getLogger("tasks")
@@ -200,6 +201,8 @@ class BackendBreakerStep(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(BackendBreakerStep)
+# Task events go out in batches, not one broker publish per task message (tasks/event_flush.py).
+app.steps["consumer"].add(EventFlushStep)
 
 
 @worker_init.connect
