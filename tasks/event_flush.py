@@ -3,10 +3,12 @@ iteration of the consumer's event loop.
 
 Celery's Events step buffers the task events (task-received, -started, -succeeded: three per
 task) and asks the event loop to publish them as one `task.multi` message at its next iteration
-(`Consumer.on_send_event_buffered`). Draining a backlog, the loop takes about one message per
+(`Consumer.on_send_event_buffered`); on a transport that only polls (the embedded queue's) there
+is no event loop, and it publishes every event as a message of its own: three per task. Draining a backlog, the loop takes about one message per
 iteration, so that is one broker publish per task message: a third of the consumer's time,
 which is the worker's bottleneck. Here a flush is scheduled at most once per interval, and the
-buffer is published as soon as it holds BATCH_EVENTS events. Flower and `celery events` read
+buffer is published as soon as it holds BATCH_EVENTS events; without an event loop the
+consumer's timer thread publishes it. Flower and `celery events` read
 `task.multi` lists already (Celery's EventReceiver splits them); they see each event at most
 FLUSH_INTERVAL later.
 """
@@ -39,7 +41,7 @@ class IntervalFlush:
 
     def __init__(self, consumer: Any, interval: float = FLUSH_INTERVAL, batch: int = BATCH_EVENTS) -> None:
         self.consumer = consumer
-        self.hub = consumer.hub
+        self.hub = consumer.hub  # None on a transport that only polls: the consumer's timer thread flushes
         self.interval = interval
         self.batch = batch
         self._lock = threading.Lock()
@@ -52,8 +54,12 @@ class IntervalFlush:
         (task-received) or a pool thread (task-started, task-succeeded)."""
         if not self.batching:
             # Stopping: the loop is gone, but the hub still runs what is ready when it closes (after
-            # the pool finished its tasks), and that is where Celery's own flush goes out.
-            self.consumer.on_send_event_buffered()
+            # the pool finished its tasks), and that is where Celery's own flush goes out. Without
+            # a hub, Celery would have published the event at once: so does this.
+            if self.hub is not None:
+                self.consumer.on_send_event_buffered()
+            else:
+                self.flush_now()
             return
         if self._buffered() >= self.batch and self._publishing.acquire(blocking=False):
             try:
@@ -67,8 +73,12 @@ class IntervalFlush:
             if self._due:
                 return
             self._due = True
-        # The timer is not thread-safe (a heap): it is set from the loop's thread. call_soon is
-        # (kombu's hub takes a lock and wakes the poller).
+        if self.hub is None:
+            # Celery's timer thread (timer2: its schedule is under a lock), which runs the flush.
+            self.consumer.timer.call_after(self.interval, self._flush)
+            return
+        # The hub's timer is not thread-safe (a heap): it is set from the loop's thread. call_soon
+        # is (kombu's hub takes a lock and wakes the poller).
         self.hub.call_soon(self._schedule)
 
     def _buffered(self) -> int:
@@ -115,12 +125,14 @@ class EventFlushStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         dispatcher = parent.event_dispatcher
         previous, self.dispatcher = self.dispatcher, None
-        # Celery buffers task events only with an event loop (not on eventlet, gevent, or a
-        # transport that only polls, such as the embedded queue's). With task events off (no -E,
-        # worker_send_task_events off) the hook is never called; `celery control enable_events`
-        # then gets the batching too.
-        if parent.hub is None or dispatcher is None or "task" not in dispatcher.buffer_group:
+        # Celery buffers task events only with an event loop; without one (a transport that only
+        # polls, such as the embedded queue's) they are buffered here too. With task events off
+        # (no -E, worker_send_task_events off) the hook is never called; `celery control
+        # enable_events` then gets the batching too.
+        if dispatcher is None:
             return
+        if parent.hub is None:
+            dispatcher.buffer_group = frozenset(dispatcher.buffer_group) | {"task"}
         if self.flusher is None:
             self.flusher = IntervalFlush(parent)
         self.flusher.reset()
