@@ -124,6 +124,46 @@ def test_the_count_adds_what_the_publisher_published_and_takes_what_a_worker_set
     assert broker.backlog(5) == 25
 
 
+def test_settles_that_come_at_once_share_round_trips_and_all_reach_the_count(redis_of_its_own, queue):
+    """A draining worker's threads settle hundreds of messages a second: each used to write a
+    HINCRBY of its own. Here 32 threads settle 50 messages each through a Redis 5 ms away."""
+    import threading
+
+    from telemetry_core.brokers import redis_backlog
+
+    client = redis_of_its_own.client()
+    client.hset(redis_backlog.COUNT_KEY, queue, 1600 * 3)
+    round_trips = []
+
+    class FiveMsAway:
+        def pipeline(self, **options: Any) -> Any:
+            pipe = client.pipeline(**options)
+            execute = pipe.execute
+
+            def slow_execute() -> Any:
+                round_trips.append(1)
+                time.sleep(0.005)
+                return execute()
+
+            pipe.execute = slow_execute
+            return pipe
+
+    start = threading.Barrier(32)
+
+    def settle() -> None:
+        start.wait()
+        for _ in range(50):
+            redis_backlog.subtract_settled(FiveMsAway(), queue, 3)
+
+    threads = [threading.Thread(target=settle) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert int(client.hget(redis_backlog.COUNT_KEY, queue)) == 0  # every settle reached the count
+    assert len(round_trips) <= 1600 / 8, f"{len(round_trips)} round trips for 1,600 settles"
+
+
 @pytest.mark.parametrize("case", ["headerless", "push without its count", "retry by an older worker"])
 def test_a_recount_finds_what_the_count_did_not_see(redis_of_its_own, queue, case):
     """Each kind of message the count misses, found by the next recount (due RECOUNT_INTERVAL
