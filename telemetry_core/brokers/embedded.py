@@ -354,6 +354,7 @@ class Channel(filesystem.Channel):
         self._own_bindings: set[tuple[str, str, str, str]] = set()  # (exchange, routing key, pattern, queue)
         # Per task queue, the names of its last listing not taken yet, in kombu's order (oldest first).
         self._listings: dict[str, collections.deque[str]] = {}
+        self._owner_pid, self._owner_folder = 0, Path()
 
     @property
     def unacked_root(self) -> Path:
@@ -370,8 +371,20 @@ class Channel(filesystem.Channel):
         queue_folder = Path(self.data_folder_in)
         return BacklogCount(queue_folder.parent, queue_folder, self.unacked_root)
 
+    @cached_property
+    def queue_folder(self) -> Path:
+        return Path(self.data_folder_in)
+
     def _folder_of(self, queue: str) -> Path:
-        return self.broadcast_folder if is_broadcast_queue(queue) else Path(self.data_folder_in)
+        return self.broadcast_folder if is_broadcast_queue(queue) else self.queue_folder
+
+    def _taken_folder(self) -> Path:
+        """This process's folder of taken messages (looked up once per process: a drain asks
+        for it at every message)."""
+        pid = os.getpid()
+        if self._owner_pid != pid:
+            self._owner_folder, self._owner_pid = _owner_for(self.unacked_root).folder, pid
+        return self._owner_folder
 
     # -- taking ----------------------------------------------------------------------
     def _get(self, queue: str) -> dict[str, Any]:
@@ -398,7 +411,7 @@ class Channel(filesystem.Channel):
 
     def _take(self, folder: Path, name: str, queue: str) -> dict[str, Any] | None:
         """The message, moved into our unacked folder; None when it is not to be taken now."""
-        taken = _owner_for(self.unacked_root).folder / name
+        taken = self._taken_folder() / name
         try:
             os.rename(folder / name, taken)
         except FileNotFoundError:
