@@ -190,9 +190,8 @@ def test_a_worker_stopped_mid_drain_still_publishes_the_events_of_every_task_it_
 
 def test_after_the_broker_comes_back_the_events_still_go_out_in_batches(children, collectors, capture, tmp_path):
     # A redis-server of this test's own: the worker reconnects, and Celery makes a new event
-    # dispatcher, which the step must set up again. Restarted while the worker is idle: with
-    # deliveries under way, Celery's reconnection itself fails now and then, on main too (kombu's
-    # channel close meets a connection already gone: "Unrecoverable error: AttributeError").
+    # dispatcher, which the step must set up again. Restarted while the worker is idle (a restart
+    # with deliveries under way: tests/test_redis_restart.py).
     redis = RedisServer(port=free_port(), folder=tmp_path / "redis")
     redis.start()
     receiver: EventCapture | None = None

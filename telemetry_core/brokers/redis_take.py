@@ -199,7 +199,42 @@ class _TakesManyMessages:
             qos = self.__dict__.get("_qos")
             if qos is not None:
                 qos.flush_acks()
+            self._read_reply_in_flight()
         super().close()  # type: ignore[misc]
+
+    def _read_reply_in_flight(self) -> None:
+        """Reads the reply to the take, wait or BRPOP in flight, as kombu's close does first
+        (kombu PR #1733: messages a BRPOP popped are delivered, and so restored), but a lost
+        connection ends only that read, not the close.
+
+        kombu lets the read's connection error out of `close()` before the channel is marked
+        closed. After a connection error Celery (Consumer.on_connection_error_after_connected)
+        calls `connection.collect()`, which swallows that error, then closes the transport's
+        channels newest first and stops at the first that fails (the remote control's: its fanout
+        queue cannot be deleted), and releases the transport (`transport.client = None`); then
+        `connection.close()` closes this channel again. That second close goes through and
+        restores the unacknowledged messages with a new redis pool (the close has just dropped
+        the old one), whose parameters come from `transport.client`: "AttributeError: 'NoneType'
+        object has no attribute 'hostname'" (the symptom of kombu#582), which is no connection
+        error, so the worker stopped: "Unrecoverable error". It took messages not yet
+        acknowledged and a reply still in flight when Redis went away: a worker waiting for more
+        messages (BLMOVE, or kombu's BRPOP) while its deliveries run, or a take crossing the
+        server's shutdown.
+
+        With the read ended here, the close goes on within `collect()`, while the transport is
+        still there: the restore fails on the stopped Redis (Celery ignores that) or succeeds on
+        one already back. Messages it could not restore stay in `unacked` (kombu records them
+        there, the take script too) and come back after the visibility timeout; a message popped
+        by a BRPOP whose reply is lost is lost, as in kombu.
+        """
+        if not self._in_poll:
+            return
+        try:
+            self._brpop_read()  # ours or kombu's: either clears `_in_poll`
+        except Empty:
+            pass
+        except self.connection_errors as error:
+            log.debug("telemetry: closing a channel whose connection is gone (%s)", type(error).__name__)
 
 
 class Channel(_TakesManyMessages, redis.Channel):
