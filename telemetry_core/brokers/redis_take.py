@@ -253,6 +253,10 @@ class _AcksEachTurn:
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         super().register_with_event_loop(connection, loop)  # type: ignore[misc]
         self.acks_each_turn = True
+        # After a reconnection the loop holds the previous transport's flush: it goes, or every
+        # reconnection would keep one more transport alive and called at every turn.
+        loop.on_tick.discard(getattr(loop, "_telemetry_flush_acks", None))
+        loop._telemetry_flush_acks = self._flush_acks
         loop.on_tick.add(self._flush_acks)
 
     def _flush_acks(self) -> None:
