@@ -119,3 +119,41 @@ def test_a_worker_on_two_queues_takes_from_both_as_kombu_does(children, collecto
                     extra_args=("-Q", f"{first},{second}"))  # the last -Q wins
     assert wait_until(lambda: len(accepted_ids(collector)) >= 40, timeout=60), len(accepted_ids(collector))
     assert accepted_ids(collector) == {event["messageId"] for event in sent}
+
+
+def test_a_take_in_flight_when_its_consumer_is_cancelled_puts_the_messages_back(redis_server, monkeypatch):
+    """The breaker cancels the worker's queue while a take may be in flight (with an event loop
+    kombu cancels at once): the messages taken are handed to kombu for that queue, which puts
+    them back, as it does with a BRPOP's. Before, they went to no queue: KeyError in the loop."""
+    from kombu import Connection, Exchange, Queue
+    from kombu.transport import TRANSPORT_ALIASES
+
+    from telemetry_core.brokers import redis_take
+
+    for scheme in ("redis", "rediss", "sentinel"):  # as they were, after this test
+        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
+    redis_take.use_in_this_process()
+    name, client = f"take-{uuid.uuid4().hex[:8]}", redis_server.client()
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with Connection(redis_server.url) as connection:
+        producer = connection.Producer()
+        for n in range(10):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        channel = connection.default_channel
+        assert isinstance(channel, redis_take.Channel)
+        received: list[Any] = []
+        consumer = connection.Consumer(queue, callbacks=[lambda body, message: received.append(body)],
+                                       accept=["json"])
+        consumer.consume()
+        send_take = channel._brpop_start
+
+        def take_then_cancel(timeout: float | None = None) -> None:
+            send_take(timeout)
+            for tag in list(channel._tag_to_queue):
+                channel._basic_cancel(tag)  # as with an event loop: at once
+
+        channel._brpop_start = take_then_cancel
+        connection.drain_events(timeout=2)
+    assert received == []
+    assert client.llen(name) == 10, "the taken messages are back in the queue"
+    assert not any(name.encode() in value for value in client.hvals("unacked")), "none is left unacknowledged"

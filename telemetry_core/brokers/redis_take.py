@@ -127,6 +127,7 @@ class _TakesManyMessages:
 
     QoS = QoS
     _sent: str | None = None  # what is in flight on the polling connection: _WAIT, _TAKE or kombu's BRPOP
+    _sent_for = ""  # the queue it was sent for: the consumer may be cancelled meanwhile (the breaker's pause)
     _messages_waiting = True  # start by taking: a worker usually starts on a backlog
     _take_refused = False
 
@@ -137,7 +138,7 @@ class _TakesManyMessages:
         if not self._own_path():
             self._sent = None
             return super()._brpop_start(timeout)  # type: ignore[misc]
-        queue = next(iter(self.active_queues))
+        queue = self._sent_for = next(iter(self.active_queues))
         connection = self.client.connection
         if self._messages_waiting:
             room = self.qos.can_consume_max_estimate() if self.qos.prefetch_count else TAKE_BATCH
@@ -159,7 +160,9 @@ class _TakesManyMessages:
         sent, self._sent = self._sent, None
         if sent is None:
             return super()._brpop_read(**options)  # type: ignore[misc]
-        queue = next(iter(self.active_queues), None)
+        # Delivered to that queue even if its consumer was cancelled meanwhile: kombu then puts the
+        # message back (Transport._deliver rejects it with requeue), as it does with a BRPOP's.
+        queue = self._sent_for
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, sent, **options)
