@@ -63,6 +63,9 @@ PREFETCH_MULTIPLIER = 2
 # Read at import: `celery -A tasks worker` fails at start-up on a bad value.
 settings = _load_settings()
 broker = broker_for(settings)
+# Before anything resolves the broker's scheme (kombu keeps what it resolved): in the worker, and in
+# what imports this app to speak as one (`status`, Flower), whose consumers do not acknowledge and
+# so consume as kombu does (redis_take.py). The servers publish with kombu's own transports.
 broker.use_worker_transport()
 
 app = Celery("tasks", include=["tasks.deliver"])
@@ -137,6 +140,7 @@ class BackendBreaker:
         self.consumer: Any = None  # set by BackendBreakerStep once the worker's consumer starts
         self.paused_queues: list[str] = []
         self.resume_due = False  # a resume is scheduled: failures meanwhile do not pause again
+        self.probing = False  # paused since the last delivery that succeeded
         self._pauses = 0
         self._resumed_at: float | None = None
 
@@ -156,10 +160,18 @@ class BackendBreaker:
             return
         self._pauses = self.pauses_in_a_row() + 1
         self.resume_due = True
+        self.probing = True
+        broker.worker_probing(True)  # the probes after the pause take one message, not a batch
         logger = log.warning if self._pauses == 1 else log.info
         # The task's own line just before this one names the cause.
         logger("telemetry: the backend failed: taking no new work for %.1fs, the backlog waits in the broker", pause)
         consumer.call_soon(self._pause, pause)
+
+    def backend_answered(self) -> None:
+        """A delivery succeeded (from any pool thread): the worker takes its messages in batches again."""
+        if self.probing:
+            self.probing = False
+            broker.worker_probing(False)
 
     def _pause(self, seconds: float) -> None:
         consumer = self.consumer

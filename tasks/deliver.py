@@ -263,6 +263,8 @@ def _deliver(self: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
             [segment_message(event, platform, anonymous_id) for event in events], self.request.hostname)
     except Exception as error:  # noqa: BLE001
         return _summary(0, _unexpected(error, len(events), dropped))
+    if outcome.delivered:
+        backend_breaker.backend_answered()
     dropped.update(outcome.dropped)
     if outcome.retry:
         outcome.retry = _without_expired(outcome.retry, time.time(), dropped, f"instead of retrying ({outcome.retry_reason})")

@@ -41,8 +41,18 @@ def calls(client: Any, *commands: str) -> int:
     return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in commands)
 
 
+@pytest.fixture
+def redis_of_its_own(tmp_path):
+    """A redis-server of the test's own: its command counts are this test's alone."""
+    server = RedisServer(port=free_port(), folder=tmp_path / "redis", appendonly=False)
+    server.start()
+    yield server
+    server.stop()
+
+
 def test_a_drain_takes_many_messages_per_round_trip_and_acknowledges_them_together(children, collectors,
-                                                                                    redis_server):
+                                                                                    redis_of_its_own):
+    redis_server = redis_of_its_own
     queue, count = f"take-{uuid.uuid4().hex[:8]}", 2000
     sent = publish_events(count, queue, broker_url=redis_server.url, events_per_task=1)
     client = redis_server.client()
@@ -121,21 +131,16 @@ def test_a_worker_on_two_queues_takes_from_both_as_kombu_does(children, collecto
     assert accepted_ids(collector) == {event["messageId"] for event in sent}
 
 
-def test_a_take_in_flight_when_its_consumer_is_cancelled_puts_the_messages_back(redis_server, monkeypatch):
+def test_a_take_in_flight_when_its_consumer_is_cancelled_puts_the_messages_back(redis_server):
     """The breaker cancels the worker's queue while a take may be in flight (with an event loop
     kombu cancels at once): the messages taken are handed to kombu for that queue, which puts
     them back, as it does with a BRPOP's. Before, they went to no queue: KeyError in the loop."""
     from kombu import Connection, Exchange, Queue
-    from kombu.transport import TRANSPORT_ALIASES
 
     from telemetry_core.brokers import redis_take
-
-    for scheme in ("redis", "rediss", "sentinel"):  # as they were, after this test
-        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
-    redis_take.use_in_this_process()
     name, client = f"take-{uuid.uuid4().hex[:8]}", redis_server.client()
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    with Connection(redis_server.url) as connection:
+    with Connection(redis_server.url, transport=redis_take.Transport) as connection:
         producer = connection.Producer()
         for n in range(10):
             producer.publish({"n": n}, exchange=queue.exchange, routing_key=name, declare=[queue])

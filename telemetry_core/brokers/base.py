@@ -134,6 +134,10 @@ class Broker:
         """Called in a worker's process before its app connects: a broker whose worker consumes
         through a transport of ours (kombu's, extended) makes kombu resolve its schemes to it."""
 
+    def worker_probing(self, probing: bool) -> None:
+        """The worker's breaker: the backend fails and the worker probes it (True), or a delivery
+        succeeded (False). A transport that takes many messages at once takes one meanwhile."""
+
     def prepare_worker(self, timeout: float) -> None:
         """Before a worker consumes: raises BrokerRefusedWorker or QueueMisconfigured for what
         must stop its start (a supervisor would restart it for ever); a broker that cannot be

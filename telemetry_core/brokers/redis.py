@@ -173,6 +173,11 @@ class RedisBroker(Broker):
 
         redis_take.use_in_this_process()  # many messages per round trip: redis_take's docstring
 
+    def worker_probing(self, probing: bool) -> None:
+        from telemetry_core.brokers import redis_take
+
+        redis_take.set_probing(probing)
+
     def prepare_worker(self, timeout: float) -> None:
         try:
             with broker_redis(self.settings, timeout):  # connecting pings it, with the URL's credentials
