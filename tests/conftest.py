@@ -56,6 +56,16 @@ def redis_server(session_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, nothing kept on disk: its memory, command counts and
+    keys are that test's alone."""
+    server = RedisServer(port=free_port(), folder=tmp_path / "redis", appendonly=False)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def backend_server():
     from telemetry_ops.collector import Collector

@@ -8,16 +8,8 @@ import time
 import pytest
 
 from bench.infra import pss_mb
-from tests.support import (RedisServer, WorkerProcess, child_environment, free_port, publish_events, run_hook_client,
+from tests.support import (WorkerProcess, child_environment, publish_events, run_hook_client,
                            status_json, unique_messages, wait_until)
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = RedisServer(port=free_port(), folder=tmp_path / "redis", appendonly=False)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.slow

@@ -41,18 +41,8 @@ def calls(client: Any, *commands: str) -> int:
     return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in commands)
 
 
-@pytest.fixture
-def redis_of_its_own(tmp_path):
-    """A redis-server of the test's own: its command counts are this test's alone."""
-    server = RedisServer(port=free_port(), folder=tmp_path / "redis", appendonly=False)
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_a_drain_takes_many_messages_per_round_trip_and_acknowledges_them_together(children, collectors,
-                                                                                    redis_of_its_own):
-    redis_server = redis_of_its_own
+def test_a_drain_takes_many_messages_per_round_trip_and_acknowledges_them_together(children, collectors, own_redis):
+    redis_server = own_redis  # its command counts are this test's alone
     queue, count = f"take-{uuid.uuid4().hex[:8]}", 2000
     sent = publish_events(count, queue, broker_url=redis_server.url, events_per_task=1)
     client = redis_server.client()
