@@ -19,9 +19,12 @@ Here, a channel that consumes one queue:
   `unacked`: they come back after the visibility timeout and are delivered again under the
   same messageIds (at least once, as before).
 
+While the worker's breaker probes a failing backend, a take is one message (`set_probing`).
+
 kombu's own path stays for what this does not cover: several queues on one channel, a
-`global_keyprefix`, no event loop (acknowledged one by one), and a Redis that refuses the
-script or `BLMOVE` (before 6.2): the channel says so once and goes on with `BRPOP`.
+`global_keyprefix`, a consumer that does not acknowledge (kombu records nothing for it), no
+event loop (acknowledged one by one), and a Redis that refuses the script or `BLMOVE` (before
+6.2): the channel says so once and goes on with `BRPOP`.
 """
 
 from __future__ import annotations
