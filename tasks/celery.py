@@ -168,7 +168,8 @@ class BackendBreaker:
         consumer.call_soon(self._pause, pause)
 
     def backend_answered(self) -> None:
-        """A delivery succeeded (from any pool thread): the worker takes its messages in batches again."""
+        """A delivery succeeded (the task request's on_success): the worker takes its messages in
+        batches again."""
         if self.probing:
             self.probing = False
             broker.worker_probing(False)

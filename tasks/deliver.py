@@ -127,8 +127,15 @@ class CheckedRequest(Request):
                 and isinstance(embed, (dict, type(None)))):
             raise InvalidTaskError("malformed task body (not [args, kwargs, embed])")
 
-    # Runs in the worker's main process (prefork: from the pool's results), which owns the
-    # consumer: the breaker stops taking work while the backend fails (tasks/celery.py).
+    # These run in the worker's main process (prefork: from the pool's results), which owns the
+    # consumer: the breaker stops taking work while the backend fails (tasks/celery.py), and
+    # takes in batches again once a delivery succeeded.
+    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> None:
+        super().on_success(failed__retval__runtime, **kwargs)
+        failed, summary, _ = failed__retval__runtime
+        if not failed and isinstance(summary, dict) and summary.get("delivered"):
+            backend_breaker.backend_answered()
+
     def on_retry(self, exc_info: Any) -> None:
         super().on_retry(exc_info)
         retry = exc_info.exception
@@ -263,8 +270,6 @@ def _deliver(self: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[
             [segment_message(event, platform, anonymous_id) for event in events], self.request.hostname)
     except Exception as error:  # noqa: BLE001
         return _summary(0, _unexpected(error, len(events), dropped))
-    if outcome.delivered:
-        backend_breaker.backend_answered()
     dropped.update(outcome.dropped)
     if outcome.retry:
         outcome.retry = _without_expired(outcome.retry, time.time(), dropped, f"instead of retrying ({outcome.retry_reason})")
