@@ -362,14 +362,13 @@ class Channel(filesystem.Channel):
 
     @cached_property
     def broadcast_folder(self) -> Path:
-        folder = Path(self.transport_options.get("broadcast_folder") or Path(self.data_folder_in).parent / "broadcast")
+        folder = Path(self.transport_options.get("broadcast_folder") or self.queue_folder.parent / "broadcast")
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     @cached_property
     def backlog_count(self) -> BacklogCount:
-        queue_folder = Path(self.data_folder_in)
-        return BacklogCount(queue_folder.parent, queue_folder, self.unacked_root)
+        return BacklogCount(self.queue_folder.parent, self.queue_folder, self.unacked_root)
 
     @cached_property
     def queue_folder(self) -> Path:
@@ -511,9 +510,8 @@ class Channel(filesystem.Channel):
     def _sweep(self) -> None:
         """Every ORPHAN_SWEEP_INTERVAL: listings of `unacked/` and `broadcast/` (small whatever
         waits), and every RECOUNT_INTERVAL the backlog's recount, which lists `queue/`."""
-        queue_folder = Path(self.data_folder_in)
         mine = _owners.get((os.getpid(), self.unacked_root))
-        restore_orphans(self.unacked_root, queue_folder, skip=mine.name if mine else None,
+        restore_orphans(self.unacked_root, self.queue_folder, skip=mine.name if mine else None,
                         broadcast_folder=self.broadcast_folder)
         remove_abandoned_partials(self.broadcast_folder)
         expire_broadcasts(self, float(self.transport_options.get("control_message_ttl", CONTROL_MESSAGE_TTL)),
@@ -525,7 +523,7 @@ class Channel(filesystem.Channel):
                 super()._queue_bind(exchange, routing_key, pattern, queue)
         census = self.backlog_count.recount(RECOUNT_INTERVAL, is_counted_queue)
         if census is not None:
-            self._tidy_queue_folder(queue_folder, census)
+            self._tidy_queue_folder(self.queue_folder, census)
 
     def _tidy_queue_folder(self, queue_folder: Path, census: Census) -> None:
         """What the recount's listing of `queue/` found besides task messages: partial files
@@ -593,7 +591,7 @@ class Channel(filesystem.Channel):
         taken, _ = self._taken.pop(message.delivery_tag, (None, 0))
         if taken is None:
             return super()._restore(message)
-        home = self.broadcast_folder if is_broadcast_name(taken.name) else Path(self.data_folder_in)
+        home = self.broadcast_folder if is_broadcast_name(taken.name) else self.queue_folder
         try:
             os.rename(taken, home / taken.name)
         except FileNotFoundError:
